@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make run` (installs, runs the default job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+ARGS ?=
+
+.PHONY: install run test test-slow lint format clean
+
+install: $(VENV)/.installed
+
+# CPU torch first on a machine without CUDA (a pinned release, so pip does not pull a multi-GB CUDA build
+# into an empty venv), then the package with its dev tools.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: installing torch from the default index"; $(PY) -m pip install --quiet torch; \
+	else \
+		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+run: install
+	$(VENV)/bin/rmt-bench $(ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

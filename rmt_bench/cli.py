@@ -1,0 +1,186 @@
+"""`rmt-bench`: the Hydra entry point, and the only module that imports hydra or omegaconf.
+
+It composes `configs/`, turns the DictConfig into typed dataclasses (`config.py`), and runs one job; a
+multirun (`-m`) is the same job repeated by Hydra's launcher. Mistakes in the command line or the config end
+in one line `error: <key>: <what is allowed>` and exit status 2 (a traceback with HYDRA_FULL_ERROR=1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from rmt_bench.config import (
+    ConfigError,
+    LoggerConfig,
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+    TrainerConfig,
+    check_mem,
+    from_dict,
+)
+from rmt_bench.train.checkpoint import CheckpointError
+
+_PACKAGED = Path(__file__).resolve().parent / "configs"  # inside an installed wheel
+CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs")
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def to_run_config(dcfg: DictConfig) -> RunConfig:
+    """DictConfig -> validated dataclasses (Hydra's own `hydra` node left out)."""
+    data = OmegaConf.to_container(dcfg, resolve=True)
+    data.pop("hydra", None)
+    check_mem(data.get("mem"))
+    parts = {"model": ModelConfig, "task": TaskConfig, "trainer": TrainerConfig, "logger": LoggerConfig}
+    built = {key: from_dict(cls, data.pop(key), key) for key, cls in parts.items()}
+    return from_dict(RunConfig, data | built, "config")
+
+
+def _job_identity() -> tuple[str | None, str | None]:
+    """W&B group (the sweep) and run name (the job's overrides), from Hydra's job info."""
+    hc = HydraConfig.get()
+    name = hc.job.override_dirname or None
+    if hc.mode == RunMode.MULTIRUN:
+        return Path(hc.sweep.dir).as_posix().replace("/", "_"), name or f"job{hc.job.num}"
+    return None, name
+
+
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Build task and model, train, test; writes metrics.jsonl and summary.json into `run_dir`."""
+    import torch
+
+    from rmt_bench.logging import RunLogger
+    from rmt_bench.models import build_model
+    from rmt_bench.tasks import build_task
+    from rmt_bench.train.loop import fit, resolve_device
+
+    device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg.task, device)
+    model = build_model(cfg.model, task.vocab_size)
+    logger = RunLogger(cfg.logger, run_dir, asdict(cfg))
+    exit_code = 1
+    try:
+        summary = fit(model, task, cfg.trainer, logger, cfg.seed, device, run_dir / CHECKPOINT_FILE, resume)
+        summary = {
+            "task": cfg.task.name,
+            "model": cfg.model.name,
+            "mem": cfg.mem,
+            "segments": cfg.task.segments,
+            "seed": cfg.seed,
+        } | summary
+        logger.summary(summary)
+        exit_code = 0
+    finally:
+        logger.finish(exit_code)
+    return summary
+
+
+def summary_line(s: dict) -> str:
+    return (
+        f"{s['task']} {s['model']} mem={s['mem']} segments={s['segments']} seed={s['seed']} | "
+        f"test acc {s['test/acc']:.4f} (greedy) acc_tf {s['test/acc_tf']:.4f} exact {s['test/exact']:.4f} | "
+        f"best val {s['val/best_acc']:.4f} @ {s['best_step']} | {s['steps']} steps "
+        f"{s['train_minutes']:.1f} min {s['tokens_per_s']:.0f} tok/s peak {s['peak_memory_mb']:.0f} MB"
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def hydra_main(dcfg: DictConfig) -> float:
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    try:
+        cfg = to_run_config(dcfg)
+        cfg.logger.group, cfg.logger.name = _job_identity()
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        summary = run(cfg, run_dir, resume=cfg.resume)
+    except (ConfigError, CheckpointError) as exc:
+        if full_error:
+            raise
+        _fail(str(exc))
+    print(summary_line(summary), flush=True)
+    return summary["test/acc"]  # the value a Hydra sweeper (e.g. optuna) optimises
+
+
+# ---------------------------------------------------------------- command-line checks before Hydra runs
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def precheck(args: list[str]) -> None:
+    """Reject unknown group options and unknown keys with one line, before Hydra prints its longer report."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra"}
+    parser = OverridesParser.create()
+    parsed = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parsed.append(parser.parse_override(arg))
+        except Exception:
+            return  # a syntax error: Hydra's own message says where
+    choices = []
+    for ov in parsed:
+        key = ov.key_or_group
+        if ov.is_delete() or ov.is_add() or ov.is_force_add() or key.startswith("hydra"):
+            continue
+        try:
+            values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [str(ov.value())]
+        except Exception:
+            continue
+        if key in groups:
+            options = _group_options(key)
+            for value in values:
+                if value not in options:
+                    _fail(f"{key}={value}: unknown {key}; choose one of: {', '.join(options)}")
+            choices.append(f"{key}={values[0]}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        base = compose(config_name="config", overrides=choices)
+    GlobalHydra.instance().clear()
+    missing = object()
+    for ov in parsed:
+        key = ov.key_or_group
+        if key in groups or ov.is_add() or ov.is_force_add() or key.startswith("hydra") or ov.is_delete():
+            continue
+        if OmegaConf.select(base, key, default=missing) is missing:
+            parent, _, _ = key.rpartition(".")
+            node = OmegaConf.select(base, parent, default=None) if parent else base
+            known = sorted(k for k in node if k != "hydra") if isinstance(node, DictConfig) else []
+            where = f"keys of {parent}" if parent else "top-level keys"
+            _fail(f"{key}: unknown key; {where}: {', '.join(known)}")
+
+
+def main() -> None:
+    """Console script `rmt-bench`."""
+    args = sys.argv[1:]
+    if not any(a in ("-h", "--help", "--hydra-help", "--info", "-i") for a in args):
+        try:
+            precheck(args)
+        except SystemExit:
+            raise
+        except Exception:
+            pass  # the checks are a courtesy; Hydra validates everything again
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Typed run configuration, validated with one clear sentence per mistake.
+
+`cli.py` turns Hydra's DictConfig into these dataclasses; nothing below this module sees Hydra or OmegaConf.
+Every check raises `ConfigError(key, message)`, which the CLI prints as one line: `error: <key>: <message>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
+ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval")
+TASK_NAMES = ALGORITHMIC_TASKS
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine", "plateau")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(ValueError):
+    """A bad value in the run configuration; `key` is its dotted path (e.g. `model.num_mem_tokens`)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"'{value}' is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value is None or value < low:
+        raise ConfigError(key, f"must be >= {low}, got {value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if value is None or not low <= value <= high:
+        raise ConfigError(key, f"must be in [{low}, {high}], got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """One backbone (a Transformer-XL-style decoder) plus the switches that make the paper's five models.
+
+    vanilla: num_mem_tokens=0, mem_len=0          memtr: num_mem_tokens>0, recurrent_memory=False
+    xl:      mem_len>0                            rmt:   num_mem_tokens>=0, recurrent_memory=True
+    rmt_xl:  num_mem_tokens>0 and mem_len>0 (the cache also holds memory-token states)
+    """
+
+    name: str = "rmt"
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4
+    d_head: int = 64
+    d_inner: int = 256
+    dropout: float = 0.1
+    dropatt: float = 0.0
+    pre_lnorm: bool = False
+    init_std: float = 0.02
+    tie_weights: bool = False
+    # Sec. 3: memory tokens [read ; segment ; write]; the write outputs become the next read memory.
+    num_mem_tokens: int = 0
+    recurrent_memory: bool = True
+    bptt_depth: int = -1  # -1: full BPTT over the example; k: gradient through k previous segments
+    # Transformer-XL cache of the previous `mem_len` hidden states per layer (detached).
+    mem_len: int = 0
+    read_mem_from_cache: bool = False
+    clamp_len: int = -1
+    same_length: bool = False
+    vocab_size: int | None = None  # None: taken from the task
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, MODEL_NAMES)
+        for key in ("n_layer", "d_model", "n_head", "d_head", "d_inner"):
+            _at_least(f"model.{key}", getattr(self, key), 1)
+        _in_range("model.dropout", self.dropout, 0.0, 0.99)
+        _in_range("model.dropatt", self.dropatt, 0.0, 0.99)
+        _at_least("model.init_std", self.init_std, 0.0)
+        _at_least("model.num_mem_tokens", self.num_mem_tokens, 0)
+        _at_least("model.mem_len", self.mem_len, 0)
+        if self.bptt_depth != -1 and self.bptt_depth < 0:
+            raise ConfigError("model.bptt_depth", f"must be -1 (full) or >= 0, got {self.bptt_depth}")
+        if self.clamp_len != -1 and self.clamp_len < 1:
+            raise ConfigError("model.clamp_len", f"must be -1 (off) or >= 1, got {self.clamp_len}")
+        if self.vocab_size is not None:
+            _at_least("model.vocab_size", self.vocab_size, 2)
+        self._check_switches()
+
+    def _check_switches(self) -> None:
+        name, m, c = self.name, self.num_mem_tokens, self.mem_len
+        if name == "vanilla" and (m or c):
+            raise ConfigError("model.name", "vanilla has no memory tokens and no cache; use memtr, rmt, xl or rmt_xl")
+        if name == "xl" and m:
+            raise ConfigError("model.num_mem_tokens", "xl has no memory tokens; use model=rmt_xl for both")
+        if name in ("rmt", "memtr") and c:
+            raise ConfigError("model.mem_len", f"{name} has no cache; use model=rmt_xl for memory tokens plus a cache")
+        if name == "memtr" and self.recurrent_memory:
+            raise ConfigError("model.recurrent_memory", "memtr carries no memory between segments; must be false")
+        if name in ("rmt", "rmt_xl") and not self.recurrent_memory:
+            raise ConfigError("model.recurrent_memory", f"{name} carries memory between segments; must be true")
+        if name == "memtr" and m == 0:
+            raise ConfigError("model.num_mem_tokens", "memtr needs memory tokens: mem >= 1")
+        if name == "rmt_xl" and (m == 0 or c == 0):
+            raise ConfigError("model", f"rmt_xl needs mem >= 1 and model.mem_len >= 1, got {m} and {c}")
+        if self.read_mem_from_cache and not (c and m):
+            raise ConfigError("model.read_mem_from_cache", "needs both memory tokens and a cache (model=rmt_xl)")
+        if self.same_length and not c:
+            raise ConfigError("model.same_length", "needs a cache: mem_len >= 1 (model=xl or rmt_xl)")
+
+    @property
+    def carries_state(self) -> bool:
+        """Whether anything flows from one segment to the next (memory or cache)."""
+        return self.mem_len > 0 or (self.num_mem_tokens > 0 and self.recurrent_memory)
+
+
+@dataclass
+class TaskConfig:
+    """An algorithmic task of the paper (Sec. 4): copy, reverse, associative retrieval."""
+
+    name: str = "reverse"
+    length: int = 24  # symbols in X (copy, reverse)
+    num_symbols: int = 10  # alphabet of X; tokens 0 (pad) and 1 (start) come on top
+    num_pairs: int = 4  # key-value pairs (retrieval)
+    segments: int = 4
+    train_size: int = 100_000
+    valid_size: int = 2_000
+    test_size: int = 10_000
+    data_seed: int = 0  # the data, valid and test sets included, depend on this seed only
+
+    def __post_init__(self) -> None:
+        _choice("task.name", self.name, TASK_NAMES)
+        _at_least("task.length", self.length, 1)
+        _at_least("task.num_symbols", self.num_symbols, 2)
+        _in_range("task.num_pairs", self.num_pairs, 1, 26)
+        _at_least("task.segments", self.segments, 1)
+        _at_least("task.train_size", self.train_size, 1)
+        _at_least("task.valid_size", self.valid_size, 1)
+        _at_least("task.test_size", self.test_size, 1)
+        total = self.seq_len
+        if total % self.segments:
+            divisors = [str(d) for d in range(1, total + 1) if total % d == 0]
+            raise ConfigError(
+                "task.segments",
+                f"{self.segments} does not divide the {self.name} sequence of {total} tokens; "
+                f"choose one of: {', '.join(divisors)}",
+            )
+
+    @property
+    def seq_len(self) -> int:
+        """Input length after the one-token shift: copy 3L, reverse 2L, retrieval 2*pairs + 2."""
+        return {"copy": 3 * self.length, "reverse": 2 * self.length}.get(self.name, 2 * self.num_pairs + 2)
+
+    @property
+    def segment_len(self) -> int:
+        return self.seq_len // self.segments
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast where the device has fast bf16, else fp32
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "plateau"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5  # evaluations without improvement of the validation loss
+    grad_clip: float = 0.25
+    batch_size: int = 32
+    max_steps: int = 250_000
+    max_minutes: float | None = None  # stop training (then test) after this wall time
+    early_stop_acc: float | None = None  # stop once validation greedy accuracy reaches this
+    eval_every: int = 1000
+    eval_batch_size: int = 500
+    log_every: int = 50
+    num_threads: int | None = None  # torch CPU threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _choice("trainer.device", self.device, DEVICES)
+        _choice("trainer.precision", self.precision, PRECISIONS)
+        _choice("trainer.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("trainer.schedule", self.schedule, SCHEDULES)
+        if not self.lr or self.lr <= 0:
+            raise ConfigError("trainer.lr", f"must be > 0, got {self.lr}")
+        _at_least("trainer.weight_decay", self.weight_decay, 0.0)
+        _at_least("trainer.warmup_steps", self.warmup_steps, 0)
+        _at_least("trainer.min_lr", self.min_lr, 0.0)
+        _in_range("trainer.plateau_factor", self.plateau_factor, 0.0, 1.0)
+        _at_least("trainer.plateau_patience", self.plateau_patience, 0)
+        _at_least("trainer.grad_clip", self.grad_clip, 0.0)
+        for key in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "log_every"):
+            _at_least(f"trainer.{key}", getattr(self, key), 1)
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError("trainer.max_minutes", f"must be > 0 or null, got {self.max_minutes}")
+        if self.early_stop_acc is not None:
+            _in_range("trainer.early_stop_acc", self.early_stop_acc, 0.0, 1.0)
+        if self.num_threads is not None:
+            _at_least("trainer.num_threads", self.num_threads, 1)
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"
+    project: str = "rmt-bench"
+    mode: str = "offline"  # WANDB_MODE in the environment wins, as wandb itself does
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # filled by the CLI from Hydra's job info
+    group: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("logger.kind", self.kind, LOGGERS)
+        _choice("logger.mode", self.mode, WANDB_MODES)
+        self.tags = list(self.tags)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    task: TaskConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    seed: int = 0
+    mem: int = 0
+    resume: bool = False  # continue from checkpoint.pt in the run dir (set hydra.run.dir to the old run)
+
+    def __post_init__(self) -> None:
+        check_mem(self.mem)
+
+
+def check_mem(mem) -> None:
+    """`mem` feeds several model keys through interpolation: check it first, under its own name."""
+    _check_type("mem", "int", mem)
+    if mem < 0:
+        raise ConfigError("mem", f"must be >= 0 (memory tokens for rmt models, cache length for xl), got {mem}")
+
+
+def from_dict(cls, data: dict, prefix: str):
+    """Build dataclass `cls` from a plain dict, naming unknown keys the way the user typed them."""
+    known = {f.name: f for f in fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}", f"unknown key; known keys: {', '.join(sorted(known))}")
+        _check_type(f"{prefix}.{key}" if prefix != "config" else key, known[key].type, value)
+    return cls(**data)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(key: str, annotation: str, value) -> None:
+    """Reject e.g. `mem=abc` or `trainer.lr=fast` with the type the key takes."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None:
+        if "None" not in kinds:
+            raise ConfigError(key, f"must be set (a {kinds[0]})")
+        return
+    for kind in kinds:
+        allowed = _TYPES.get(kind)
+        if allowed is None:
+            return  # lists, tuples, nested configs: checked by their own validation
+        if isinstance(value, allowed) and not (kind in ("int", "float") and isinstance(value, bool)):
+            return
+    raise ConfigError(key, f"must be {' or '.join(k for k in kinds if k != 'None')}, got {value!r}")

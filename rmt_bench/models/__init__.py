@@ -1,0 +1,18 @@
+"""Models: one backbone (`backbone.py`) and one segment loop (`recurrence.py`) for all five variants."""
+
+from __future__ import annotations
+
+from rmt_bench.config import ConfigError, ModelConfig
+from rmt_bench.models.recurrence import RecurrentModel, SegmentState, generate_greedy, train_segments
+
+__all__ = ["RecurrentModel", "SegmentState", "build_model", "generate_greedy", "train_segments"]
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> RecurrentModel:
+    """The model for `cfg` on a task whose vocabulary has `vocab_size` tokens."""
+    if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            f"{cfg.vocab_size} is smaller than the task's {vocab_size} tokens; use null to take the task's",
+        )
+    return RecurrentModel(cfg, cfg.vocab_size or vocab_size)

@@ -1,0 +1,79 @@
+"""The one backbone every model shares: embeddings -> Transformer-XL blocks -> (norm) -> output head.
+
+No recurrence lives here: the segment loop (`recurrence.py`) decides what goes in (memory tokens, cache)
+and what is carried out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rmt_bench.config import ModelConfig
+from rmt_bench.models.layers import Block, SinusoidalDistances, relative_distances
+
+
+class SoftmaxHead(nn.Module):
+    """Plain softmax over the vocabulary; `loss` sums cross-entropy where `weights` says."""
+
+    def __init__(self, d_model: int, vocab_size: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, vocab_size)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.proj(hidden)
+
+    def loss(self, hidden: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        """hidden (N, d), targets (N,), weights (N,) -> summed weighted negative log-likelihood (fp32)."""
+        nll = F.cross_entropy(self.logits(hidden).float(), targets, reduction="none")
+        return (nll * weights).sum()
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = nn.Embedding(vocab_size, d)
+        self.emb_scale = math.sqrt(d)  # Transformer-XL scales word embeddings by sqrt(d_model)
+        self.distances = SinusoidalDistances(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        # the two global biases of Transformer-XL, shared by all layers (attn_type 0)
+        self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
+        self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
+        self.layers = nn.ModuleList(
+            Block(d, cfg.n_head, cfg.d_head, cfg.d_inner, cfg.dropout, cfg.dropatt, cfg.pre_lnorm)
+            for _ in range(cfg.n_layer)
+        )
+        self.final_norm = nn.LayerNorm(d) if cfg.pre_lnorm else nn.Identity()
+        self.head = SoftmaxHead(d, vocab_size)
+        self.apply(self._init)
+        nn.init.normal_(self.u, 0.0, cfg.init_std)
+        nn.init.normal_(self.v, 0.0, cfg.init_std)
+        if cfg.tie_weights:
+            self.head.proj.weight = self.embed.weight
+
+    def _init(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """tokens (B, T) -> (B, T, d), scaled and dropped out."""
+        return self.drop(self.embed(tokens) * self.emb_scale)
+
+    def forward(self, h: Tensor, caches: list[Tensor] | None, mask_bias: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """h (B, Q, d) input vectors (memory + token embeddings); caches: per layer (B, M, d) or None;
+        mask_bias (Q, M+Q). -> final hidden (B, Q, d), and each layer's input (B, Q, d) for the XL cache."""
+        qlen = h.shape[1]
+        klen = mask_bias.shape[1]
+        pos_emb = self.drop(self.distances(relative_distances(qlen, klen, self.cfg.clamp_len, h.device)))
+        layer_inputs = []
+        for i, layer in enumerate(self.layers):
+            layer_inputs.append(h)
+            h = layer(h, caches[i] if caches else None, pos_emb, self.u, self.v, mask_bias)
+        return self.final_norm(h), layer_inputs

@@ -1,0 +1,120 @@
+"""Transformer-XL layers: relative multi-head attention with exact signed distances, feed-forward, block.
+
+Notation: B batch, Q query length (the segment with its memory tokens), K key length (cache + Q),
+H heads, Dh head size, P = K + Q - 1 distinct relative distances.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SinusoidalDistances(nn.Module):
+    """Sinusoid embedding of relative distances (Transformer-XL, Dai et al. 2019, Sec. 3.3)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0.0, d_model, 2.0) / d_model))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, distances: Tensor) -> Tensor:
+        """distances (P,) float -> (P, d_model)."""
+        angles = distances[:, None] * self.inv_freq[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def relative_distances(query_len: int, key_len: int, clamp_len: int, device=None) -> Tensor:
+    """The P = K + Q - 1 signed distances (query pos - key pos), largest first: K-1, ..., 1-Q.
+
+    Queries are the last Q of K consecutive key positions. Negative distances occur where a query attends
+    ahead (the bidirectional memory blocks of Sec. 3); they get their own sinusoid, as the paper requires.
+    """
+    d = torch.arange(key_len - 1, -query_len, -1.0, device=device)
+    return d.clamp(-clamp_len, clamp_len) if clamp_len > 0 else d
+
+
+def gather_relative(scores: Tensor, key_len: int) -> Tensor:
+    """Pick, for every (query i, key j), the column of its signed distance: a zero-copy strided view.
+
+    scores (B, H, Q, P) holds (q_i + v) . r_d for every distance d = K-1 ... 1-Q (column c = K-1-d).
+    Query i sits at position K-Q+i, so d(i, j) = K-Q+i-j and c = Q-1-i+j: moving one row down and one
+    column right keeps c, i.e. element (i, j) lies at flat offset (Q-1) + i*(P-1) + j of each (Q, P)
+    block. Unlike Transformer-XL's `_rel_shift`, this is exact above the diagonal too.
+    -> (B, H, Q, K)
+    """
+    b, h, q, p = scores.shape
+    scores = scores.contiguous()
+    return scores.as_strided((b, h, q, key_len), (h * q * p, q * p, p - 1, 1), scores.storage_offset() + q - 1)
+
+
+class RelMultiHeadAttention(nn.Module):
+    """score(i, j) = (q_i + u) . k_j + (q_i + v) . W_r r_{i-j}; u, v shared by all layers (passed in)."""
+
+    def __init__(self, d_model: int, n_head: int, d_head: int, dropout: float, dropatt: float):
+        super().__init__()
+        self.n_head, self.d_head, self.dropatt = n_head, d_head, dropatt
+        self.q_net = nn.Linear(d_model, n_head * d_head, bias=False)
+        self.kv_net = nn.Linear(d_model, 2 * n_head * d_head, bias=False)
+        self.r_net = nn.Linear(d_model, n_head * d_head, bias=False)
+        self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, context: Tensor, pos_emb: Tensor, u: Tensor, v: Tensor, mask_bias: Tensor) -> Tensor:
+        """h (B, Q, d) queries; context (B, K, d) keys/values (cache + h); pos_emb (P, d);
+        u, v (H, Dh); mask_bias (Q, K) with 0 where allowed and -inf elsewhere. -> (B, Q, d)"""
+        bsz, qlen, _ = h.shape
+        klen = context.shape[1]
+        heads = (self.n_head, self.d_head)
+        q = self.q_net(h).view(bsz, qlen, *heads).transpose(1, 2)  # (B, H, Q, Dh)
+        k, val = self.kv_net(context).view(bsz, klen, 2, *heads).permute(2, 0, 3, 1, 4)  # (B, H, K, Dh) each
+        r = self.r_net(pos_emb).view(-1, *heads)  # (P, H, Dh)
+        # position term for every distance, then the strided pick of each pair's own distance
+        bd = torch.einsum("bhqd,phd->bhqp", q + v[:, None, :], r)  # (B, H, Q, P)
+        bias = gather_relative(bd, klen) * self.d_head**-0.5 + mask_bias.to(bd.dtype)  # (B, H, Q, K)
+        out = F.scaled_dot_product_attention(
+            q + u[:, None, :], k, val, attn_mask=bias, dropout_p=self.dropatt if self.training else 0.0
+        )  # (B, H, Q, Dh), scale 1/sqrt(Dh) as in Transformer-XL
+        out = out.transpose(1, 2).reshape(bsz, qlen, -1)
+        return self.drop(self.o_net(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_inner: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_model, d_inner),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(d_inner, d_model),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """Transformer-XL decoder layer: post-layer-norm by default (the paper's code), pre-norm as an option."""
+
+    def __init__(
+        self, d_model: int, n_head: int, d_head: int, d_inner: int, dropout: float, dropatt: float, pre_lnorm: bool
+    ):
+        super().__init__()
+        self.pre_lnorm = pre_lnorm
+        self.attn = RelMultiHeadAttention(d_model, n_head, d_head, dropout, dropatt)
+        self.ff = FeedForward(d_model, d_inner, dropout)
+        self.norm_attn = nn.LayerNorm(d_model)
+        self.norm_ff = nn.LayerNorm(d_model)
+
+    def forward(
+        self, h: Tensor, cache: Tensor | None, pos_emb: Tensor, u: Tensor, v: Tensor, mask_bias: Tensor
+    ) -> Tensor:
+        """h (B, Q, d), cache (B, M, d) or None -> (B, Q, d)."""
+        context = h if cache is None else torch.cat([cache.to(h.dtype), h], dim=1)  # (B, K, d)
+        if self.pre_lnorm:
+            h = h + self.attn(self.norm_attn(h), self.norm_attn(context), pos_emb, u, v, mask_bias)
+            return h + self.ff(self.norm_ff(h))
+        h = self.norm_attn(h + self.attn(h, context, pos_emb, u, v, mask_bias))
+        return self.norm_ff(h + self.ff(h))

@@ -1,0 +1,202 @@
+"""The one segment loop for every model of the paper.
+
+A segment's input is `[read memory ; tokens ; write memory]` (RMT, Sec. 3), `[memory ; tokens]` (MemTr) or
+`tokens` (vanilla, Transformer-XL); a Transformer-XL cache of the previous `mem_len` layer inputs may sit in
+front of it. Positions are consecutive over `[cache ; read ; tokens ; write]` and enter attention only as
+relative distances, so memory tokens take ordinary positions and no memory position embedding exists.
+
+Shapes: B batch, S segments, n segment_len, m num_mem_tokens, M cache length, d d_model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+from rmt_bench.config import ModelConfig
+from rmt_bench.models.backbone import Backbone
+
+
+@dataclass
+class SegmentState:
+    """What one segment hands to the next. `memory` None means the learned initial memory."""
+
+    memory: Tensor | None = None  # (B, m, d): next segment's read (and write) memory
+    cache: list[Tensor] | None = None  # per layer (B, M, d), detached (Transformer-XL)
+
+    def detach(self) -> SegmentState:
+        memory = None if self.memory is None else self.memory.detach()
+        return SegmentState(memory, self.cache)
+
+
+@lru_cache(maxsize=64)
+def attention_mask(
+    n: int, m: int, write: bool, cache_len: int, read_from_cache: bool, window: int, device: torch.device
+) -> Tensor:
+    """Additive mask (Q, K): 0 where attention is allowed, -inf elsewhere (Sec. 3, Fig. 1c).
+
+    Rows/columns: [cache (c) ; read (m) ; tokens (n) ; write (m if write)], rows without the cache.
+    Read rows see the read block (and the cache with `read_from_cache`); token rows see the cache, the read
+    block and earlier tokens, never the write block; write rows see everything. `window` > 0 (Transformer-XL
+    `same_length`) limits token rows to keys less than `window` positions back, memory excepted.
+    """
+    c, mw = cache_len, m if write else 0
+    q, k = m + n + mw, cache_len + m + n + mw
+    allowed = torch.zeros(q, k, dtype=torch.bool)
+    allowed[:m, c : c + m] = True
+    allowed[:m, :c] = read_from_cache
+    allowed[m : m + n, : c + m] = True
+    allowed[m : m + n, c + m : c + m + n] = torch.ones(n, n, dtype=torch.bool).tril()
+    if window > 0:
+        dist = (torch.arange(q)[:, None] + c) - torch.arange(k)[None, :]
+        is_memory_col = torch.zeros(k, dtype=torch.bool)
+        is_memory_col[c : c + m] = True
+        far = (dist >= window) & ~is_memory_col
+        allowed[m : m + n] &= ~far[m : m + n]
+    allowed[m + n :, :] = True
+    bias = torch.zeros(q, k).masked_fill_(~allowed, float("-inf"))
+    return bias.to(device)
+
+
+class RecurrentModel(nn.Module):
+    """Backbone + segment recurrence; the switches in `ModelConfig` make vanilla, memtr, xl, rmt, rmt_xl."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg, vocab_size)
+        m, d = cfg.num_mem_tokens, cfg.d_model
+        # distinct initial slots (the public code's were identical), at the scale of the scaled embeddings
+        self.memory = nn.Parameter(torch.randn(m, d) * cfg.init_std * math.sqrt(d)) if m else None
+
+    @property
+    def head(self):
+        return self.backbone.head
+
+    def segment(self, tokens: Tensor, state: SegmentState) -> tuple[Tensor, SegmentState]:
+        """One segment. tokens (B, n) -> hidden states of the tokens (B, n, d), the state for the next one."""
+        cfg, (bsz, n) = self.cfg, tokens.shape
+        m = cfg.num_mem_tokens
+        write = m > 0 and cfg.recurrent_memory
+        h = self.backbone.embed_tokens(tokens)  # (B, n, d)
+        if m:
+            init = state.memory is None or not cfg.recurrent_memory
+            read = self.memory.expand(bsz, m, -1) if init else state.memory  # (B, m, d)
+            h = torch.cat([read.to(h.dtype), h] + ([read.to(h.dtype)] if write else []), dim=1)  # (B, Q, d)
+        cache_len = state.cache[0].shape[1] if state.cache else 0
+        mask = attention_mask(
+            n, m, write, cache_len, cfg.read_mem_from_cache, cfg.mem_len if cfg.same_length else 0, tokens.device
+        )
+        out, layer_inputs = self.backbone(h, state.cache, mask)  # (B, Q, d)
+        new_memory = out[:, m + n :] if write else None  # final-layer write outputs (Sec. 3)
+        new_cache = None
+        if cfg.mem_len:
+            old = state.cache or [x[:, :0] for x in layer_inputs]
+            new_cache = [
+                torch.cat([c.to(x.dtype), x], 1)[:, -cfg.mem_len :].detach() for c, x in zip(old, layer_inputs)
+            ]
+        return out[:, m : m + n], SegmentState(new_memory, new_cache)
+
+    def forward(self, inputs: Tensor, state: SegmentState | None = None) -> tuple[Tensor, SegmentState]:
+        """inputs (B, S, n) -> hidden (B, S, n, d) and the final state; gradients through every segment.
+
+        Models that carry nothing between segments (vanilla, memtr) run all segments as one batch.
+        """
+        bsz, n_seg, n = inputs.shape
+        state = state or SegmentState()
+        if not self.cfg.carries_state:
+            hidden, _ = self.segment(inputs.reshape(bsz * n_seg, n), SegmentState())
+            return hidden.view(bsz, n_seg, n, -1), state
+        outs = []
+        for s in range(n_seg):
+            hidden, state = self.segment(inputs[:, s], state)
+            outs.append(hidden)
+        return torch.stack(outs, dim=1), state
+
+
+def train_segments(
+    model: RecurrentModel,
+    inputs: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    norm: float,
+    bptt_depth: int,
+    state: SegmentState | None = None,
+    history: list[tuple[Tensor, SegmentState]] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[float, SegmentState, list[tuple[Tensor, SegmentState]]]:
+    """Teacher-forced forward and backward over one batch's segments; returns (loss, state, history).
+
+    inputs, targets, weights (B, S, n). The loss is sum(weights * nll) / norm; backward is called here.
+    bptt_depth = k >= 0 (Sec. 3, "BPTT-k"): the loss of segment s gets gradient through the memory of
+    segments s-1 ... s-k exactly: those are recomputed from the state saved before s-k (from `history` when
+    it reaches into earlier batches), never from the latest memory. -1 is one graph over the batch's
+    segments (full BPTT over an example); a state carried in from an earlier batch is then detached.
+    """
+    state, history = state or SegmentState(), list(history or [])
+    n_seg = inputs.shape[1]
+    recurrent = model.cfg.num_mem_tokens > 0 and model.cfg.recurrent_memory  # the XL cache carries no gradient
+    if bptt_depth < 0 or not recurrent:
+        with autocast():
+            hidden, state = model(inputs, state)
+            sel = weights > 0
+            loss = model.head.loss(hidden[sel], targets[sel], weights[sel]) / norm
+        loss.backward()
+        return loss.item(), state.detach(), []
+    total = 0.0
+    for s in range(n_seg):
+        tokens, w = inputs[:, s], weights[:, s]
+        window = history[max(len(history) - bptt_depth, 0) :] if bptt_depth else []
+        if not bool((w > 0).any()):
+            with torch.no_grad(), autocast():
+                _, new_state = model.segment(tokens, state)
+        else:
+            with autocast():
+                st = window[0][1] if window else state
+                for past_tokens, _ in window:
+                    _, st = model.segment(past_tokens, st)
+                hidden, new_state = model.segment(tokens, st)
+                sel = w > 0
+                loss = model.head.loss(hidden[sel], targets[:, s][sel], w[sel]) / norm
+            loss.backward()
+            total += loss.item()
+        history.append((tokens, state))
+        history = history[max(len(history) - bptt_depth, 0) :] if bptt_depth else []
+        state = new_state.detach()
+    return total, state, history
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: RecurrentModel, inputs: Tensor, answer: Tensor, state: SegmentState | None = None
+) -> tuple[Tensor, Tensor]:
+    """Greedy decoding across segments, carrying the state (the paper's metric, no teacher forcing).
+
+    inputs, answer (B, S, n): where answer[b, s, t] is set, the prediction at t becomes the input at t+1
+    (the next segment's first input after a segment's last position). Within a segment the tokens do not see
+    the write memory, so re-running the segment with the inputs filled so far gives causal predictions; the
+    final run, with every input settled, writes the memory and cache for the next segment.
+    -> predictions (B, S, n) and the inputs actually used (B, S, n).
+    """
+    inputs, answer = inputs.clone(), answer.bool()
+    bsz, n_seg, n = inputs.shape
+    preds = torch.empty_like(inputs)
+    state = state or SegmentState()
+    for s in range(n_seg):
+        tokens = inputs[:, s]
+        if s > 0:
+            tokens[:, 0] = torch.where(answer[:, s - 1, -1], preds[:, s - 1, -1], tokens[:, 0])
+        for t in range(n - 1):
+            if bool(answer[:, s, t].any()):
+                hidden, _ = model.segment(tokens, state)
+                pred_t = model.head.logits(hidden[:, t]).argmax(-1)
+                tokens[:, t + 1] = torch.where(answer[:, s, t], pred_t, tokens[:, t + 1])
+        hidden, state = model.segment(tokens, state)
+        preds[:, s] = model.head.logits(hidden).argmax(-1)
+    return preds, inputs

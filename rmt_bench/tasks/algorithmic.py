@@ -1,0 +1,93 @@
+"""The paper's algorithmic tasks (Sec. 4.1, App. A): copy, reverse, associative retrieval.
+
+Every example is `seq`, the model reads `seq[:-1]` and predicts `seq[1:]`; the loss mask marks the answer.
+Token 0 is padding, token 1 the start (or '?') token, symbols follow. All splits are drawn once, vectorised,
+from generators seeded by `data_seed` alone, so every run of a config scores on the same examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rmt_bench.config import TaskConfig
+
+PAD, START = 0, 1
+NUM_KEYS, NUM_VALUES = 26, 10  # retrieval: keys are letters, values digits
+SPLIT_SEEDS = {"train": 0, "valid": 1, "test": 2}
+
+
+@dataclass
+class Batch:
+    """inputs, targets, loss_mask: (B, S, n), already cut into S segments of n tokens."""
+
+    inputs: Tensor
+    targets: Tensor
+    loss_mask: Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device))
+
+
+def make_sequences(cfg: TaskConfig, size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """-> full sequences (N, seq_len + 1) and the answer mask over the shifted targets (N, seq_len)."""
+    if cfg.name in ("copy", "reverse"):
+        x = torch.randint(2, 2 + cfg.num_symbols, (size, cfg.length), generator=gen)
+        start = torch.full((size, 1), START)
+        if cfg.name == "copy":  # X, start, X, X: the answer is the last 2L targets
+            seq, answer_len = torch.cat([x, start, x, x], 1), 2 * cfg.length
+        else:  # X, start, reversed X: the answer is the last L targets
+            seq, answer_len = torch.cat([x, start, x.flip(1)], 1), cfg.length
+    else:  # k1 v1 ... kP vP ? kq vq: the answer is the value of the queried key (length 2P + 2)
+        keys = torch.rand(size, NUM_KEYS, generator=gen).argsort(1)[:, : cfg.num_pairs] + 2  # distinct letters
+        values = torch.randint(2 + NUM_KEYS, 2 + NUM_KEYS + NUM_VALUES, (size, cfg.num_pairs), generator=gen)
+        q = torch.randint(0, cfg.num_pairs, (size, 1), generator=gen)
+        pairs = torch.stack([keys, values], 2).reshape(size, -1)
+        seq = torch.cat([pairs, torch.full((size, 1), START), keys.gather(1, q), values.gather(1, q)], 1)
+        answer_len = 1
+    mask = torch.zeros(size, seq.shape[1] - 1, dtype=torch.bool)
+    mask[:, -answer_len:] = True
+    return seq, mask
+
+
+class AlgorithmicTask:
+    """Fixed train/valid/test splits on one device, served as segmented batches."""
+
+    def __init__(self, cfg: TaskConfig, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.vocab_size = 2 + (NUM_KEYS + NUM_VALUES if cfg.name == "retrieval" else cfg.num_symbols)
+        self.segments, self.segment_len = cfg.segments, cfg.segment_len
+        sizes = {"train": cfg.train_size, "valid": cfg.valid_size, "test": cfg.test_size}
+        self.splits: dict[str, Batch] = {}
+        for split, size in sizes.items():
+            gen = torch.Generator().manual_seed(cfg.data_seed * 1000 + SPLIT_SEEDS[split])
+            seq, mask = make_sequences(cfg, size, gen)
+            shape = (size, self.segments, self.segment_len)
+            self.splits[split] = Batch(seq[:, :-1].reshape(shape), seq[:, 1:].reshape(shape), mask.reshape(shape)).to(
+                torch.device(device)
+            )
+
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
+        """Endless shuffled epochs; the order depends on (seed, epoch) only, so a resumed run sees the same."""
+        data = self.splits["train"]
+        size = data.inputs.shape[0]
+        per_epoch = max(size // batch_size, 1)
+        epoch, offset = divmod(start_step, per_epoch)
+        while True:
+            perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            perm = perm.to(data.inputs.device)
+            for i in range(offset, per_epoch):
+                idx = perm[i * batch_size : (i + 1) * batch_size]
+                yield Batch(data.inputs[idx], data.targets[idx], data.loss_mask[idx])
+            epoch, offset = epoch + 1, 0
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
+        data = self.splits[split]
+        for i in range(0, data.inputs.shape[0], batch_size):
+            yield Batch(
+                data.inputs[i : i + batch_size], data.targets[i : i + batch_size], data.loss_mask[i : i + batch_size]
+            )

@@ -1,0 +1,222 @@
+"""fit / evaluate: setup, the training loop, evaluation; read top to bottom.
+
+The loop owns the device, autocast, the optimiser and schedule; the model knows none of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rmt_bench.config import TrainerConfig
+from rmt_bench.logging import RunLogger
+from rmt_bench.models import RecurrentModel, generate_greedy, train_segments
+from rmt_bench.tasks import AlgorithmicTask
+from rmt_bench.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from rmt_bench.config import ConfigError
+
+        raise ConfigError("trainer.device", "cuda was asked for but torch sees no CUDA device; use auto or cpu")
+    return torch.device(name)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """auto: bf16 where matmuls are fast in it (CUDA with bf16, CPUs with AMX tiles); fp32 elsewhere.
+
+    Measured on the 2-core AVX-512 CPU without AMX here, bf16 autocast trains 1.4x slower than fp32
+    (docs/PERFORMANCE.md), hence the AMX test rather than "CPU supports bf16".
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)
+    return bool(amx())
+
+
+def autocast_factory(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainerConfig, step: int) -> float:
+    """Multiplier of the base lr at `step` for warmup and cosine (plateau is applied on top, at evaluations)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule != "cosine":
+        return 1.0
+    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint needs beyond the model and optimiser."""
+
+    step: int = 0
+    plateau_scale: float = 1.0
+    plateau_best: float = math.inf
+    plateau_bad: int = 0
+    best_acc: float = -1.0
+    best_step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+
+@torch.no_grad()
+def evaluate(model: RecurrentModel, task: AlgorithmicTask, split: str, batch_size: int, autocast) -> dict:
+    """Loss and accuracy on the answer tokens: greedy across segments (`acc`, the paper's metric),
+    teacher-forced (`acc_tf`), and whole-answer exact match of the greedy output (`exact`)."""
+    was_training = model.training
+    model.eval()
+    nll = correct = correct_tf = tokens = exact = examples = 0.0
+    for batch in task.eval_batches(split, batch_size):
+        mask = batch.loss_mask
+        with autocast():
+            hidden, _ = model(batch.inputs)
+            logits = model.head.logits(hidden[mask]).float()
+            preds, _ = generate_greedy(model, batch.inputs, mask)
+        nll += torch.nn.functional.cross_entropy(logits, batch.targets[mask], reduction="sum").item()
+        correct_tf += (logits.argmax(-1) == batch.targets[mask]).sum().item()
+        hit = (preds == batch.targets) | ~mask
+        correct += (hit & mask).sum().item()
+        exact += hit.flatten(1).all(1).sum().item()
+        tokens += mask.sum().item()
+        examples += mask.shape[0]
+    model.train(was_training)
+    return {"loss": nll / tokens, "acc": correct / tokens, "acc_tf": correct_tf / tokens, "exact": exact / examples}
+
+
+def fit(
+    model: RecurrentModel,
+    task: AlgorithmicTask,
+    cfg: TrainerConfig,
+    logger: RunLogger,
+    seed: int,
+    device: torch.device,
+    checkpoint_path=None,
+    resume: bool = False,
+) -> dict:
+    """Train, validating every `eval_every` steps; test the best-validation weights. Returns the summary."""
+    # --- setup
+    autocast = autocast_factory(device, use_bf16(cfg.precision, device))
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    st = TrainState()
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        st = load_checkpoint(checkpoint_path, model, optimizer, st)
+        logger.info(f"resumed from {checkpoint_path} at step {st.step}")
+    best_weights = copy.deepcopy(model.state_dict())
+    batches = task.train_batches(cfg.batch_size, seed, start_step=st.step)
+    bptt_depth = model.cfg.bptt_depth
+    logger.start_progress(cfg.max_steps, initial=st.step)
+    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    t_start = time.perf_counter() - st.train_seconds
+    stop_reason = "max_steps"
+
+    # --- train
+    while st.step < cfg.max_steps:
+        batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, st.step) * st.plateau_scale
+        optimizer.zero_grad(set_to_none=True)
+        weights = batch.loss_mask.float()
+        loss, _, _ = train_segments(
+            model, batch.inputs, batch.targets, weights, weights.sum().item(), bptt_depth, autocast=autocast
+        )
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        st.step += 1
+        window_loss += loss
+        window_steps += 1
+        window_tokens += batch.inputs.numel()
+        st.tokens += batch.inputs.numel()
+        logger.advance(loss)
+
+        if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            logger.log(
+                {
+                    "train/loss": window_loss / window_steps,
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/tokens_per_s": window_tokens / elapsed,
+                },
+                st.step,
+            )
+            window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+
+        minutes = (time.perf_counter() - t_start) / 60
+        out_of_time = cfg.max_minutes is not None and minutes >= cfg.max_minutes
+        if st.step % cfg.eval_every == 0 or st.step == cfg.max_steps or out_of_time:
+            val = evaluate(model, task, "valid", cfg.eval_batch_size, autocast)
+            if val["acc"] > st.best_acc:
+                st.best_acc, st.best_step = val["acc"], st.step
+                best_weights = copy.deepcopy(model.state_dict())
+            if cfg.schedule == "plateau":  # Sec. 4.1: halve the lr when validation loss plateaus
+                if val["loss"] < st.plateau_best - 1e-4:
+                    st.plateau_best, st.plateau_bad = val["loss"], 0
+                else:
+                    st.plateau_bad += 1
+                    if st.plateau_bad > cfg.plateau_patience:
+                        st.plateau_scale = max(st.plateau_scale * cfg.plateau_factor, cfg.min_lr / cfg.lr)
+                        st.plateau_bad = 0
+            st.train_seconds = time.perf_counter() - t_start
+            logger.log(
+                {f"val/{k}": v for k, v in val.items()}
+                | {"val/best_acc": st.best_acc, "time/minutes": st.train_seconds / 60},
+                st.step,
+            )
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, model, optimizer, st)
+            if cfg.early_stop_acc is not None and val["acc"] >= cfg.early_stop_acc:
+                stop_reason = "early_stop_acc"
+                break
+        if out_of_time:
+            stop_reason = "max_minutes"
+            break
+    logger.close_progress()
+    train_seconds = time.perf_counter() - t_start
+
+    # --- test with the best validation weights
+    model.load_state_dict(best_weights)
+    test = evaluate(model, task, "test", cfg.eval_batch_size, autocast)
+    logger.log({f"test/{k}": v for k, v in test.items()}, st.step)
+    return {
+        "test/acc": test["acc"],
+        "test/acc_tf": test["acc_tf"],
+        "test/exact": test["exact"],
+        "test/loss": test["loss"],
+        "val/best_acc": st.best_acc,
+        "best_step": st.best_step,
+        "steps": st.step,
+        "stop_reason": stop_reason,
+        "train_minutes": train_seconds / 60,
+        "tokens_per_s": st.tokens / max(train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(device),
+        "params": sum(p.numel() for p in model.parameters()),
+    }

@@ -1,0 +1,133 @@
+"""The CLI end to end: every config composes and builds, runs and sweeps write their metrics, bad input fails
+with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from rmt_bench.cli import CONFIG_DIR, to_run_config
+from rmt_bench.models import build_model
+from rmt_bench.tasks import build_task
+from tests.conftest import TINY, run_cli
+
+GROUPS = ("task", "model", "backbone", "trainer", "logger")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("task", options("task"))
+@pytest.mark.parametrize("model", options("model"))
+def test_every_task_and_model_composes_and_builds(task, model):
+    cfg = to_run_config(
+        compose_cfg([f"task={task}", f"model={model}", "task.train_size=8", "task.valid_size=4", "task.test_size=4"])
+    )
+    built = build_model(cfg.model, build_task(cfg.task).vocab_size)
+    assert cfg.model.name == model and cfg.task.name == task
+    assert sum(p.numel() for p in built.parameters()) > 0
+
+
+@pytest.mark.parametrize("group", ["backbone", "trainer", "logger"])
+def test_every_other_config_composes(group):
+    for option in options(group):
+        cfg = to_run_config(compose_cfg([f"{group}={option}"]))
+        assert cfg is not None
+
+
+def test_paper_sizes_per_task():
+    """App. A: 4/128/4/64/256 on copy and reverse (about 923k parameters with 10 symbols), 6/64/4/32/128 on
+    retrieval (349k)."""
+    for task, layers, d_model, params in [("reverse", 4, 128, 0.92e6), ("retrieval", 6, 64, 0.35e6)]:
+        cfg = to_run_config(compose_cfg([f"task={task}", "model=vanilla", "task.train_size=8"]))
+        model = build_model(cfg.model, build_task(cfg.task).vocab_size)
+        assert (cfg.model.n_layer, cfg.model.d_model) == (layers, d_model)
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n - params) / params < 0.1, n
+
+
+def test_mem_sets_memory_tokens():
+    assert to_run_config(compose_cfg(["model=rmt", "mem=12"])).model.num_mem_tokens == 12
+
+
+def test_single_run_writes_metrics_and_summary(tmp_path):
+    res = run_cli(*TINY, "model=rmt", "mem=2", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in x for x in lines) and any("val/acc" in x for x in lines)
+    assert any("test/acc" in x for x in lines)
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["test/acc"] <= 1.0 and summary["steps"] == 6 and summary["model"] == "rmt"
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("reverse rmt mem=2") and "test acc" in last
+
+
+def test_multirun_writes_every_job(tmp_path):
+    res = run_cli("-m", *TINY, "model=vanilla,rmt", "mem=2", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summaries = sorted((tmp_path / "sweep").rglob("summary.json"))
+    assert len(summaries) == 2
+    assert {json.loads(p.read_text())["model"] for p in summaries} == {"vanilla", "rmt"}
+    assert all((p.parent / "metrics.jsonl").stat().st_size > 0 for p in summaries)
+
+
+def test_wandb_offline_needs_no_network(tmp_path):
+    args = [a for a in TINY if a != "logger=none"]
+    res = run_cli(*args, "logger=wandb", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    assert res.returncode == 0, res.stderr
+    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_failing_wandb_keeps_local_metrics(tmp_path):
+    args = [a for a in TINY if a != "logger=none"]
+    res = run_cli(
+        *args, "logger=wandb", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env={"WANDB_MODE": "no-such-mode"}
+    )
+    assert res.returncode == 0, res.stderr
+    assert "warning: wandb failed" in res.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+
+
+def test_cfg_job_resolve_shows_the_config(tmp_path):
+    res = run_cli("--cfg", "job", "--resolve", "mem=3", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "num_mem_tokens: 3" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "says"),
+    [
+        (["model=foo"], "model=foo", "choose one of"),
+        (["-m", "model=rmt,foo"], "model=foo", "choose one of"),
+        (["foo=1"], "foo", "unknown key"),
+        (["model.foo=1"], "model.foo", "unknown key"),
+        (["mem=-1"], "mem", ">= 0"),
+        (["mem=abc"], "mem", "must be int"),
+        (["task.segments=5"], "task.segments", "does not divide"),
+        (["model.vocab_size=5"], "model.vocab_size", "smaller than the task"),
+        (["model=vanilla", "model.num_mem_tokens=3"], "model.name", "vanilla has no memory"),
+        (["trainer.lr=-1"], "trainer.lr", "> 0"),
+        (["trainer.schedule=linear"], "trainer.schedule", "choose one of"),
+    ],
+)
+def test_bad_input_fails_with_one_line(tmp_path, args, key, says):
+    res = run_cli(*TINY, *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: {key}") and says in lines[0], lines[0]
+    assert "Traceback" not in res.stderr

@@ -1,0 +1,172 @@
+"""Equivalence tests: the models are what they claim (DESIGN.md, invariants)."""
+
+from __future__ import annotations
+
+import torch
+from torch.testing import assert_close
+
+from rmt_bench.models import SegmentState, build_model, generate_greedy, train_segments
+from rmt_bench.models.layers import RelMultiHeadAttention, SinusoidalDistances, gather_relative, relative_distances
+from rmt_bench.models.recurrence import attention_mask
+from tests.conftest import tiny_model
+
+VOCAB = 12
+
+
+def tokens(b=3, s=3, n=5, seed=1):
+    return torch.randint(2, VOCAB, (b, s, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_gather_relative_matches_naive_signed_distances():
+    """Every (i, j) picks the column of its own signed distance i - j + (K - Q), ahead of the query too."""
+    b, h, q, k = 2, 3, 5, 9
+    p = k + q - 1
+    scores = torch.randn(b, h, q, p)
+    picked = gather_relative(scores, k)
+    dist = relative_distances(q, k, clamp_len=-1)
+    for i in range(q):
+        for j in range(k):
+            d = (k - q + i) - j
+            col = int((dist == d).nonzero()[0, 0])
+            assert_close(picked[:, :, i, j], scores[:, :, i, col])
+    assert (dist > 0).any() and (dist < 0).any()
+
+
+def test_relative_attention_equals_per_pair_computation():
+    """score(i, j) = (q_i+u).k_j + (q_i+v).W_r r(i-j), computed naively pair by pair, for signed distances."""
+    torch.manual_seed(0)
+    d, h, dh, q, mlen = 16, 2, 8, 4, 3
+    attn = RelMultiHeadAttention(d, h, dh, 0.0, 0.0).eval()
+    x, cache = torch.randn(1, q, d), torch.randn(1, mlen, d)
+    ctx = torch.cat([cache, x], 1)
+    k = ctx.shape[1]
+    u, v = torch.randn(h, dh), torch.randn(h, dh)
+    emb = SinusoidalDistances(d)
+    pos_emb = emb(relative_distances(q, k, -1))
+    mask = torch.zeros(q, k)  # no mask at all: queries also attend ahead (negative distances)
+    out = attn(x, ctx, pos_emb, u, v, mask)
+
+    qv = attn.q_net(x).view(q, h, dh)
+    kk, vv = attn.kv_net(ctx).view(k, 2, h, dh).unbind(1)
+    naive = torch.zeros(q, h, dh)
+    for head in range(h):
+        scores = torch.zeros(q, k)
+        for i in range(q):
+            for j in range(k):
+                r = attn.r_net(emb(torch.tensor([float(mlen + i - j)]))).view(h, dh)[head]
+                scores[i, j] = (qv[i, head] + u[head]) @ kk[j, head] + (qv[i, head] + v[head]) @ r
+        naive[:, head] = torch.softmax(scores / dh**0.5, -1) @ vv[:, head]
+    assert_close(out[0], attn.o_net(naive.reshape(q, h * dh)), atol=1e-5, rtol=1e-4)
+
+
+def test_attention_mask_follows_the_paper():
+    m, n = 2, 3
+    allowed = attention_mask(n, m, True, 0, False, 0, torch.device("cpu")) == 0
+    read, tok, write = slice(0, m), slice(m, m + n), slice(m + n, 2 * m + n)
+    assert allowed[read, read].all() and not allowed[read, tok].any() and not allowed[read, write].any()
+    assert allowed[tok, read].all() and not allowed[tok, write].any()
+    assert torch.equal(allowed[tok, tok], torch.ones(n, n, dtype=torch.bool).tril())
+    assert allowed[write].all()
+
+
+def copy_weights(src, dst):
+    state = {k: v for k, v in src.state_dict().items() if k != "memory"}
+    missing, unexpected = dst.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"memory"}
+
+
+def test_rmt_with_zero_memory_tokens_equals_vanilla():
+    rmt = build_model(tiny_model("rmt", num_mem_tokens=0), VOCAB).eval()
+    vanilla = build_model(tiny_model("vanilla"), VOCAB).eval()
+    copy_weights(rmt, vanilla)
+    x = tokens()
+    assert_close(rmt(x)[0], vanilla(x)[0])
+
+
+def test_stateless_models_fold_segments_into_the_batch_exactly():
+    model = build_model(tiny_model("vanilla"), VOCAB).eval()
+    x = tokens()
+    folded, _ = model(x)
+    looped = torch.stack([model.segment(x[:, s], SegmentState())[0] for s in range(x.shape[1])], 1)
+    assert_close(folded, looped)
+
+
+def test_memory_carries_information_between_segments():
+    model = build_model(tiny_model("rmt"), VOCAB).eval()
+    x, y = tokens(seed=1), tokens(seed=2)
+    y[:, -1] = x[:, -1]  # same last segment, different history
+    assert not torch.allclose(model(x)[0][:, -1], model(y)[0][:, -1])
+    vanilla = build_model(tiny_model("vanilla"), VOCAB).eval()
+    assert_close(vanilla(x)[0][:, -1], vanilla(y)[0][:, -1])
+
+
+def test_memory_slots_start_distinct():
+    model = build_model(tiny_model("rmt", num_mem_tokens=4), VOCAB)
+    assert torch.cdist(model.memory, model.memory).add(torch.eye(4)).min() > 0
+
+
+def last_segment_loss_grad(model, bptt_depth, n_seg=3):
+    x = tokens(s=n_seg)
+    weights = torch.zeros(x.shape)
+    weights[:, -1] = 1.0
+    model.zero_grad()
+    train_segments(model, x, x, weights, weights.sum().item(), bptt_depth)
+    return model.memory.grad
+
+
+def test_gradient_reaches_first_memory_iff_bptt_depth_covers_it():
+    """Loss on segment 3 only: the initial memory (read by segment 1) is 2 segments back."""
+    model = build_model(tiny_model("rmt"), VOCAB)
+    for depth, reaches in [(0, False), (1, False), (2, True), (-1, True)]:
+        grad = last_segment_loss_grad(model, depth)
+        got = grad is not None and grad.abs().sum() > 0
+        assert got == reaches, f"bptt_depth={depth}"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.layers.parameters())
+
+
+def test_truncated_bptt_with_full_depth_equals_one_graph():
+    """The windowed recomputation (BPTT-k) gives exactly the one-graph gradient when k covers the batch."""
+    model = build_model(tiny_model("rmt"), VOCAB)
+    x = tokens(s=4)
+    weights = torch.rand(x.shape)
+    mem0 = model.memory.detach().expand(x.shape[0], -1, -1).clone()
+    grads = []
+    for depth in (-1, 3):
+        model.zero_grad()
+        start = mem0.clone().requires_grad_()
+        loss, _, _ = train_segments(model, x, x, weights, 10.0, depth, state=SegmentState(memory=start))
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None] + [start.grad, loss])
+    for a, b in zip(*grads):
+        assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_history_carries_bptt_into_the_next_batch():
+    """A state carried from an earlier batch keeps its gradient path through `history` (the LM case)."""
+    model = build_model(tiny_model("rmt"), VOCAB)
+    x = tokens(s=2)
+    w = torch.ones(x.shape)
+    _, state, history = train_segments(model, x, x, w, 1.0, bptt_depth=1)
+    assert len(history) == 1 and state.memory is not None and not state.memory.requires_grad
+    model.zero_grad()
+    weights = torch.zeros(x.shape)
+    weights[:, 0] = 1.0
+    train_segments(model, x, x, weights, 1.0, bptt_depth=1, state=state, history=history)
+    assert model.memory.grad is None  # 2 segments back: cut
+    model.zero_grad()
+    _, state, history = train_segments(model, x[:, :1], x[:, :1], w[:, :1], 1.0, bptt_depth=2)
+    train_segments(model, x, x, weights, 1.0, bptt_depth=2, state=state, history=history)
+    assert model.memory.grad is not None and model.memory.grad.abs().sum() > 0  # 1 segment back: reached
+
+
+def test_greedy_generation_matches_teacher_forced_argmax():
+    """Re-scoring the greedy inputs teacher-forced gives the greedy predictions everywhere."""
+    model = build_model(tiny_model("rmt", dropout=0.1), VOCAB).eval()
+    x = tokens(b=4, s=3, n=4)
+    answer = torch.zeros(x.shape, dtype=torch.bool)
+    answer.view(4, -1)[:, 5:] = True  # the answer starts inside segment 2 and runs across segment 3
+    preds, used = generate_greedy(model, x, answer)
+    flat_used, flat_preds, flat_ans = used.view(4, -1), preds.view(4, -1), answer.view(4, -1)
+    assert torch.equal(flat_used[:, 1:][flat_ans[:, :-1]], flat_preds[:, :-1][flat_ans[:, :-1]])
+    assert torch.equal(flat_used[:, :6], x.view(4, -1)[:, :6])  # inputs before the answer are untouched
+    hidden, _ = model(used)
+    assert torch.equal(model.head.logits(hidden).argmax(-1), preds)
