@@ -48,7 +48,7 @@ class ModelConfig:
 
     vanilla: num_mem_tokens=0, mem_len=0          memtr: num_mem_tokens>0, recurrent_memory=False
     xl:      mem_len>0                            rmt:   num_mem_tokens>=0, recurrent_memory=True
-    rmt_xl:  num_mem_tokens>0 and mem_len>0 (the cache also holds memory-token states)
+    rmt_xl:  num_mem_tokens>0 and mem_len>=0 (the cache also holds memory-token states; 0 is rmt)
     """
 
     name: str = "rmt"
@@ -104,8 +104,8 @@ class ModelConfig:
             raise ConfigError("model.recurrent_memory", f"{name} carries memory between segments; must be true")
         if name == "memtr" and m == 0:
             raise ConfigError("model.num_mem_tokens", "memtr needs memory tokens: mem >= 1")
-        if name == "rmt_xl" and (m == 0 or c == 0):
-            raise ConfigError("model", f"rmt_xl needs mem >= 1 and model.mem_len >= 1, got {m} and {c}")
+        if name == "rmt_xl" and m == 0:
+            raise ConfigError("model.num_mem_tokens", "rmt_xl needs memory tokens: mem >= 1 (mem=0 is model=xl)")
         if self.read_mem_from_cache and not (c and m):
             raise ConfigError("model.read_mem_from_cache", "needs both memory tokens and a cache (model=rmt_xl)")
         if self.same_length and not c:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt_bench.config import ModelConfig
-from rmt_bench.models.layers import Block, SinusoidalDistances, relative_distances
+from rmt_bench.models.layers import Block, Dropout, SinusoidalDistances, relative_distances
 
 
 class SoftmaxHead(nn.Module):
@@ -40,7 +40,7 @@ class Backbone(nn.Module):
         self.embed = nn.Embedding(vocab_size, d)
         self.emb_scale = math.sqrt(d)  # Transformer-XL scales word embeddings by sqrt(d_model)
         self.distances = SinusoidalDistances(d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         # the two global biases of Transformer-XL, shared by all layers (attn_type 0)
         self.u = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
         self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_head))
