@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from rmt_bench.cli import CONFIG_DIR, to_run_config
+from rmt_bench.cli import CONFIG_DIR, run, to_run_config
 from rmt_bench.models import build_model
 from rmt_bench.tasks import build_task
 from tests.conftest import TINY, run_cli
@@ -131,3 +131,14 @@ def test_bad_input_fails_with_one_line(tmp_path, args, key, says):
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith(f"error: {key}") and says in lines[0], lines[0]
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("task", options("task"))
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_trains_on_every_task(tmp_path, task, model):
+    """A few steps of each model on each task through the same path the CLI takes (in-process, for speed)."""
+    cfg = to_run_config(compose_cfg([*TINY, f"task={task}", f"model={model}", "mem=2", "trainer.max_steps=3"]))
+    summary = run(cfg, tmp_path)
+    assert summary["steps"] == 3 and summary["model"] == model
+    assert 0.0 <= summary["test/acc"] <= 1.0 and summary["test/loss"] > 0
+    assert (tmp_path / "summary.json").exists()

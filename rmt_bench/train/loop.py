@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rmt_bench.config import TrainerConfig
+from rmt_bench.config import ConfigError, TrainerConfig
 from rmt_bench.logging import RunLogger
 from rmt_bench.models import RecurrentModel, generate_greedy, train_segments
 from rmt_bench.tasks import AlgorithmicTask
@@ -25,8 +25,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from rmt_bench.config import ConfigError
-
         raise ConfigError("trainer.device", "cuda was asked for but torch sees no CUDA device; use auto or cpu")
     return torch.device(name)
 
@@ -126,11 +124,12 @@ def fit(
     autocast = autocast_factory(device, use_bf16(cfg.precision, device))
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
-    st = TrainState()
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
-        st = load_checkpoint(checkpoint_path, model, optimizer, st)
+    st, best_weights = TrainState(), copy.deepcopy(model.state_dict())
+    if resume:
+        if checkpoint_path is None or not checkpoint_path.exists():
+            raise ConfigError("resume", f"no checkpoint at {checkpoint_path}; pass hydra.run.dir=<the run to resume>")
+        st, best_weights = load_checkpoint(checkpoint_path, model, optimizer, st)
         logger.info(f"resumed from {checkpoint_path} at step {st.step}")
-    best_weights = copy.deepcopy(model.state_dict())
     batches = task.train_batches(cfg.batch_size, seed, start_step=st.step)
     bptt_depth = model.cfg.bptt_depth
     logger.start_progress(cfg.max_steps, initial=st.step)
@@ -192,7 +191,7 @@ def fit(
                 st.step,
             )
             if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, model, optimizer, st)
+                save_checkpoint(checkpoint_path, model, optimizer, st, best_weights)
             if cfg.early_stop_acc is not None and val["acc"] >= cfg.early_stop_acc:
                 stop_reason = "early_stop_acc"
                 break

@@ -1,0 +1,107 @@
+"""Training throughput and memory of every model, and RMT evaluation cost against sequence length.
+
+    python scripts/bench.py train --task reverse --batch-size 64 --steps 20
+    python scripts/bench.py eval-scaling --segments 4 16 64 256
+
+Numbers go to docs/PERFORMANCE.md together with the command that produced them. Run on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import time
+
+import torch
+
+from rmt_bench.config import ModelConfig, TaskConfig
+from rmt_bench.models import SegmentState, build_model, train_segments
+from rmt_bench.tasks import build_task
+from rmt_bench.train.loop import autocast_factory
+
+SIZES = {"reverse": dict(n_layer=4, d_model=128, n_head=4, d_head=64, d_inner=256)}
+
+
+def model_config(name: str, mem: int, **sizes) -> ModelConfig:
+    kw = dict(name=name, **sizes)
+    if name in ("rmt", "memtr", "rmt_xl"):
+        kw["num_mem_tokens"] = mem
+    if name in ("xl", "rmt_xl"):
+        kw["mem_len"] = mem
+    if name == "memtr":
+        kw["recurrent_memory"] = False
+    return ModelConfig(**kw)
+
+
+def bench_train(args) -> None:
+    task = build_task(TaskConfig(name=args.task, segments=args.segments, train_size=4096, valid_size=1, test_size=1))
+    autocast = autocast_factory(torch.device("cpu"), args.bf16)
+    print(
+        f"task={args.task} segments={args.segments} batch={args.batch_size} mem={args.mem} "
+        f"threads={torch.get_num_threads()} bf16={args.bf16}"
+    )
+    print("| model | tokens/s | ms/step | peak RSS MB |")
+    print("|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        model = build_model(model_config(name, args.mem, **SIZES["reverse"]), task.vocab_size)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        batches = task.train_batches(args.batch_size, seed=0)
+        for i in range(args.steps + args.warmup):
+            if i == args.warmup:
+                start = time.perf_counter()
+            b = next(batches)
+            opt.zero_grad()
+            w = b.loss_mask.float()
+            train_segments(model, b.inputs, b.targets, w, w.sum().item(), -1, autocast=autocast)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            opt.step()
+        dt = (time.perf_counter() - start) / args.steps
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"| {name} | {b.inputs.numel() / dt:,.0f} | {dt * 1000:.0f} | {rss:.0f} |")
+
+
+@torch.no_grad()
+def bench_eval_scaling(args) -> None:
+    """Teacher-forced RMT evaluation over ever longer inputs: time per token and memory should stay flat."""
+    torch.manual_seed(0)
+    model = build_model(model_config("rmt", args.mem, **SIZES["reverse"]), 12).eval()
+    print(f"rmt mem={args.mem} segment_len={args.segment_len} batch={args.batch_size}")
+    print("| segments | tokens | seconds | us/token | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    for n_seg in args.segments:
+        x = torch.randint(2, 12, (args.batch_size, n_seg, args.segment_len))
+        state = SegmentState()
+        start = time.perf_counter()
+        for s in range(n_seg):  # state carried, nothing kept: memory stays flat
+            _, state = model.segment(x[:, s], state)
+        dt = time.perf_counter() - start
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"| {n_seg} | {x.numel():,} | {dt:.2f} | {dt / x.numel() * 1e6:.1f} | {rss:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--task", default="reverse")
+    t.add_argument("--segments", type=int, default=4)
+    t.add_argument("--models", nargs="+", default=["vanilla", "memtr", "xl", "rmt", "rmt_xl"])
+    t.add_argument("--mem", type=int, default=6)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--bf16", action="store_true")
+    e = sub.add_parser("eval-scaling")
+    e.add_argument("--segments", type=int, nargs="+", default=[4, 16, 64, 256])
+    e.add_argument("--segment-len", type=int, default=12)
+    e.add_argument("--mem", type=int, default=6)
+    e.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        (bench_train if args.cmd == "train" else bench_eval_scaling)(args)
+
+
+if __name__ == "__main__":
+    main()
