@@ -18,7 +18,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from rmt_bench.config import (
+    LM_TASKS,
     ConfigError,
+    LMTaskConfig,
     LoggerConfig,
     ModelConfig,
     RunConfig,
@@ -44,7 +46,8 @@ def to_run_config(dcfg: DictConfig) -> RunConfig:
     data = OmegaConf.to_container(dcfg, resolve=True)
     data.pop("hydra", None)
     check_mem(data.get("mem"))
-    parts = {"model": ModelConfig, "task": TaskConfig, "trainer": TrainerConfig, "logger": LoggerConfig}
+    task_cls = LMTaskConfig if data.get("task", {}).get("name") in LM_TASKS else TaskConfig
+    parts = {"model": ModelConfig, "task": task_cls, "trainer": TrainerConfig, "logger": LoggerConfig}
     built = {key: from_dict(cls, data.pop(key), key) for key, cls in parts.items()}
     return from_dict(RunConfig, data | built, "config")
 
@@ -91,12 +94,21 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     return summary
 
 
+def headline(summary: dict) -> str:
+    """The task's main metric: greedy answer accuracy, perplexity or bits per character."""
+    return next(k for k in ("acc", "ppl", "bpc") if f"test/{k}" in summary)
+
+
 def summary_line(s: dict) -> str:
+    key = headline(s)
+    test = f"test {key} {s[f'test/{key}']:.4f}"
+    if key == "acc":
+        test += f" (greedy) acc_tf {s['test/acc_tf']:.4f} exact {s['test/exact']:.4f}"
+    best = s.get(f"val/best_{key}", float("nan"))
     return (
-        f"{s['task']} {s['model']} mem={s['mem']} segments={s['segments']} seed={s['seed']} | "
-        f"test acc {s['test/acc']:.4f} (greedy) acc_tf {s['test/acc_tf']:.4f} exact {s['test/exact']:.4f} | "
-        f"best val {s['val/best_acc']:.4f} @ {s['best_step']} | {s['steps']} steps "
-        f"{s['train_minutes']:.1f} min {s['tokens_per_s']:.0f} tok/s peak {s['peak_memory_mb']:.0f} MB"
+        f"{s['task']} {s['model']} mem={s['mem']} segments={s['segments']} seed={s['seed']} | {test} | "
+        f"best val {best:.4f} @ {s['best_step']} | {s['steps']} steps {s['train_minutes']:.1f} min "
+        f"{s['tokens_per_s']:.0f} tok/s peak {s['peak_memory_mb']:.0f} MB"
     )
 
 
@@ -113,7 +125,7 @@ def hydra_main(dcfg: DictConfig) -> float:
             raise
         _fail(str(exc))
     print(summary_line(summary), flush=True)
-    return summary["test/acc"]  # the value a Hydra sweeper (e.g. optuna) optimises
+    return summary[f"test/{headline(summary)}"]  # the value a Hydra sweeper (e.g. optuna) optimises
 
 
 # ---------------------------------------------------------------- command-line checks before Hydra runs

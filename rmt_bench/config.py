@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, fields
 
 MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
 ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval")
-TASK_NAMES = ALGORITHMIC_TASKS
+LM_TASKS = ("wikitext103", "enwik8")
+TASK_NAMES = ALGORITHMIC_TASKS + LM_TASKS
+LEVELS = ("word", "char")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "plateau")
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,6 +74,9 @@ class ModelConfig:
     clamp_len: int = -1
     same_length: bool = False
     vocab_size: int | None = None  # None: taken from the task
+    # output layer: [] = plain softmax; e.g. [20000, 40000, 200000] = adaptive softmax (WikiText-103)
+    adaptive_cutoffs: list[int] = field(default_factory=list)
+    div_val: int = 1  # adaptive softmax/input: cluster i has dimension d_model / div_val^i
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
@@ -88,6 +93,13 @@ class ModelConfig:
             raise ConfigError("model.clamp_len", f"must be -1 (off) or >= 1, got {self.clamp_len}")
         if self.vocab_size is not None:
             _at_least("model.vocab_size", self.vocab_size, 2)
+        self.adaptive_cutoffs = [int(c) for c in self.adaptive_cutoffs]
+        cuts = self.adaptive_cutoffs
+        if any(c <= 0 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
+            raise ConfigError("model.adaptive_cutoffs", f"must be increasing positive token counts, got {cuts}")
+        _at_least("model.div_val", self.div_val, 1)
+        if self.div_val > 1 and self.d_model % self.div_val ** len(cuts):
+            raise ConfigError("model.div_val", f"d_model {self.d_model} must divide by div_val^{len(cuts)}")
         self._check_switches()
 
     def _check_switches(self) -> None:
@@ -132,7 +144,7 @@ class TaskConfig:
     data_seed: int = 0  # the data, valid and test sets included, depend on this seed only
 
     def __post_init__(self) -> None:
-        _choice("task.name", self.name, TASK_NAMES)
+        _choice("task.name", self.name, ALGORITHMIC_TASKS)
         _at_least("task.length", self.length, 1)
         _at_least("task.num_symbols", self.num_symbols, 2)
         _in_range("task.num_pairs", self.num_pairs, 1, 26)
@@ -157,6 +169,33 @@ class TaskConfig:
     @property
     def segment_len(self) -> int:
         return self.seq_len // self.segments
+
+
+@dataclass
+class LMTaskConfig:
+    """Language modelling (PAPER.md, Table 2): WikiText-103 words (ppl) or enwik8-layout characters (bpc)."""
+
+    name: str = "wikitext103"
+    level: str = "word"  # word: perplexity; char: bits per character
+    data_dir: str | None = None  # wiki.{train,valid,test}.tokens or {train,valid,test}.txt; None: `datasets`
+    cache_dir: str | None = None  # encoded corpus; None: $RMT_BENCH_CACHE or ~/.cache/rmt-bench
+    segment_len: int = 150
+    segments: int = 1  # consecutive segments per training step and column
+    eval_segment_len: int | None = None  # None: segment_len
+    eval_mem_len: int | None = None  # Transformer-XL evaluates with a longer cache; None: model.mem_len
+    max_train_tokens: int | None = None  # cut the streams (CPU-sized runs); None: all
+    max_eval_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        _choice("task.name", self.name, LM_TASKS)
+        _choice("task.level", self.level, LEVELS)
+        _at_least("task.segment_len", self.segment_len, 1)
+        _at_least("task.segments", self.segments, 1)
+        for key in ("eval_segment_len", "max_train_tokens", "max_eval_tokens"):
+            if getattr(self, key) is not None:
+                _at_least(f"task.{key}", getattr(self, key), 2 if key.startswith("max") else 1)
+        if self.eval_mem_len is not None:
+            _at_least("task.eval_mem_len", self.eval_mem_len, 0)
 
 
 @dataclass
@@ -226,7 +265,7 @@ class LoggerConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig
-    task: TaskConfig
+    task: TaskConfig | LMTaskConfig
     trainer: TrainerConfig
     logger: LoggerConfig
     seed: int = 0

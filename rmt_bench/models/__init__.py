@@ -15,4 +15,10 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> RecurrentModel:
             "model.vocab_size",
             f"{cfg.vocab_size} is smaller than the task's {vocab_size} tokens; use null to take the task's",
         )
-    return RecurrentModel(cfg, cfg.vocab_size or vocab_size)
+    vocab = cfg.vocab_size or vocab_size
+    if cfg.adaptive_cutoffs and cfg.adaptive_cutoffs[-1] >= vocab:
+        raise ConfigError(
+            "model.adaptive_cutoffs",
+            f"{cfg.adaptive_cutoffs} must stay below the vocabulary size {vocab}; use [] for a plain softmax",
+        )
+    return RecurrentModel(cfg, vocab)

@@ -6,30 +6,12 @@ and what is carried out.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmt_bench.config import ModelConfig
+from rmt_bench.models.heads import build_embedding_and_head
 from rmt_bench.models.layers import Block, Dropout, SinusoidalDistances, relative_distances
-
-
-class SoftmaxHead(nn.Module):
-    """Plain softmax over the vocabulary; `loss` sums cross-entropy where `weights` says."""
-
-    def __init__(self, d_model: int, vocab_size: int):
-        super().__init__()
-        self.proj = nn.Linear(d_model, vocab_size)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.proj(hidden)
-
-    def loss(self, hidden: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-        """hidden (N, d), targets (N,), weights (N,) -> summed weighted negative log-likelihood (fp32)."""
-        nll = F.cross_entropy(self.logits(hidden).float(), targets, reduction="none")
-        return (nll * weights).sum()
 
 
 class Backbone(nn.Module):
@@ -37,8 +19,10 @@ class Backbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.embed = nn.Embedding(vocab_size, d)
-        self.emb_scale = math.sqrt(d)  # Transformer-XL scales word embeddings by sqrt(d_model)
+        # scaled by sqrt(d_model) as Transformer-XL; adaptive (and tied) for large vocabularies
+        self.embed, self.head = build_embedding_and_head(
+            d, vocab_size, cfg.adaptive_cutoffs, cfg.div_val, cfg.tie_weights
+        )
         self.distances = SinusoidalDistances(d)
         self.drop = Dropout(cfg.dropout)
         # the two global biases of Transformer-XL, shared by all layers (attn_type 0)
@@ -49,12 +33,10 @@ class Backbone(nn.Module):
             for _ in range(cfg.n_layer)
         )
         self.final_norm = nn.LayerNorm(d) if cfg.pre_lnorm else nn.Identity()
-        self.head = SoftmaxHead(d, vocab_size)
         self.apply(self._init)
-        nn.init.normal_(self.u, 0.0, cfg.init_std)
-        nn.init.normal_(self.v, 0.0, cfg.init_std)
-        if cfg.tie_weights:
-            self.head.proj.weight = self.embed.weight
+        for name, param in self.named_parameters():
+            if name in ("u", "v") or (".projs." in name or ".weights." in name):
+                nn.init.normal_(param, 0.0, cfg.init_std)
 
     def _init(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -64,7 +46,7 @@ class Backbone(nn.Module):
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """tokens (B, T) -> (B, T, d), scaled and dropped out."""
-        return self.drop(self.embed(tokens) * self.emb_scale)
+        return self.drop(self.embed(tokens))
 
     def forward(self, h: Tensor, caches: list[Tensor] | None, mask_bias: Tensor) -> tuple[Tensor, list[Tensor]]:
         """h (B, Q, d) input vectors (memory + token embeddings); caches: per layer (B, M, d) or None;

@@ -69,6 +69,8 @@ def gather_relative(scores: Tensor, key_len: int) -> Tensor:
     exact above the diagonal too (the memory rows of Sec. 3 attend ahead). -> (..., Q, K)
     """
     *lead, q, p = scores.shape
+    if q == 1:  # one query: the distances K-1 ... 0 are already in key order
+        return scores[..., :key_len]
     flat = scores.reshape(*lead, q * p)[..., q - 1 : q - 1 + q * (p - 1)]
     return flat.view(*lead, q, p - 1)[..., :key_len]
 

@@ -56,6 +56,8 @@ def make_sequences(cfg: TaskConfig, size: int, gen: torch.Generator) -> tuple[Te
 class AlgorithmicTask:
     """Fixed train/valid/test splits on one device, served as segmented batches."""
 
+    stream = False  # every batch starts fresh examples: no state carried between batches
+
     def __init__(self, cfg: TaskConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.name = cfg.name

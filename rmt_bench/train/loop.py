@@ -10,7 +10,7 @@ import copy
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,18 +79,32 @@ class TrainState:
     plateau_scale: float = 1.0
     plateau_best: float = math.inf
     plateau_bad: int = 0
-    best_acc: float = -1.0
+    best_score: float = -math.inf
+    best_val: dict = field(default_factory=dict)  # validation metrics at the best step
     best_step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
+    step_seconds: float = 0.0  # time inside training steps only (tokens/s)
 
 
 @torch.no_grad()
-def evaluate(model: RecurrentModel, task: AlgorithmicTask, split: str, batch_size: int, autocast) -> dict:
-    """Loss and accuracy on the answer tokens: greedy across segments (`acc`, the paper's metric),
-    teacher-forced (`acc_tf`), and whole-answer exact match of the greedy output (`exact`)."""
+def evaluate(model: RecurrentModel, task, split: str, batch_size: int, autocast) -> dict:
+    """Algorithmic tasks: loss and accuracy on the answer tokens, greedy across segments (`acc`, the paper's
+    metric), teacher-forced (`acc_tf`), and whole-answer exact match of the greedy output (`exact`).
+    Streams: loss over the whole split carrying memory/cache, as perplexity (`ppl`) or bits per char (`bpc`)."""
     was_training = model.training
     model.eval()
+    try:
+        return (
+            evaluate_stream(model, task, split, batch_size, autocast)
+            if task.stream
+            else evaluate_answers(model, task, split, batch_size, autocast)
+        )
+    finally:
+        model.train(was_training)
+
+
+def evaluate_answers(model: RecurrentModel, task, split: str, batch_size: int, autocast) -> dict:
     nll = correct = correct_tf = tokens = exact = examples = 0.0
     for batch in task.eval_batches(split, batch_size):
         mask = batch.loss_mask
@@ -105,8 +119,38 @@ def evaluate(model: RecurrentModel, task: AlgorithmicTask, split: str, batch_siz
         exact += hit.flatten(1).all(1).sum().item()
         tokens += mask.sum().item()
         examples += mask.shape[0]
-    model.train(was_training)
     return {"loss": nll / tokens, "acc": correct / tokens, "acc_tf": correct_tf / tokens, "exact": exact / examples}
+
+
+@contextlib.contextmanager
+def eval_mem_len(model: RecurrentModel, mem_len: int | None):
+    """Transformer-XL evaluates with a longer cache than it trains with."""
+    saved = model.cfg.mem_len
+    if mem_len is not None and saved:
+        model.cfg.mem_len = mem_len
+    try:
+        yield
+    finally:
+        model.cfg.mem_len = saved
+
+
+def evaluate_stream(model: RecurrentModel, task, split: str, batch_size: int, autocast) -> dict:
+    nll, tokens, state = 0.0, 0, None
+    with eval_mem_len(model, task.cfg.eval_mem_len):
+        for batch in task.eval_batches(split, batch_size):
+            with autocast():
+                hidden, state = model(batch.inputs, state)
+                nll += model.head.nll(hidden.flatten(0, 2), batch.targets.flatten()).sum().item()
+            tokens += batch.targets.numel()
+    loss = nll / tokens
+    if task.cfg.level == "char":
+        return {"loss": loss, "bpc": loss / math.log(2)}
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+
+def score(metrics: dict) -> float:
+    """Higher is better: accuracy where there is one, else minus the loss."""
+    return metrics["acc"] if "acc" in metrics else -metrics["loss"]
 
 
 def fit(
@@ -132,6 +176,9 @@ def fit(
         logger.info(f"resumed from {checkpoint_path} at step {st.step}")
     batches = task.train_batches(cfg.batch_size, seed, start_step=st.step)
     bptt_depth = model.cfg.bptt_depth
+    # streams (LM) carry memory/cache and the BPTT history from batch to batch, reset at each epoch
+    per_epoch = task.steps_per_epoch(cfg.batch_size) if task.stream else 1
+    state, history = None, []
     logger.start_progress(cfg.max_steps, initial=st.step)
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     t_start = time.perf_counter() - st.train_seconds
@@ -139,17 +186,21 @@ def fit(
 
     # --- train
     while st.step < cfg.max_steps:
+        step_start = time.perf_counter()
         batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, st.step) * st.plateau_scale
         optimizer.zero_grad(set_to_none=True)
         weights = batch.loss_mask.float()
-        loss, _, _ = train_segments(
-            model, batch.inputs, batch.targets, weights, weights.sum().item(), bptt_depth, autocast=autocast
+        if st.step % per_epoch == 0:
+            state, history = None, []
+        loss, state, history = train_segments(
+            model, batch.inputs, batch.targets, weights, weights.sum().item(), bptt_depth, state, history, autocast
         )
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        st.step_seconds += time.perf_counter() - step_start
         st.step += 1
         window_loss += loss
         window_steps += 1
@@ -173,8 +224,8 @@ def fit(
         out_of_time = cfg.max_minutes is not None and minutes >= cfg.max_minutes
         if st.step % cfg.eval_every == 0 or st.step == cfg.max_steps or out_of_time:
             val = evaluate(model, task, "valid", cfg.eval_batch_size, autocast)
-            if val["acc"] > st.best_acc:
-                st.best_acc, st.best_step = val["acc"], st.step
+            if score(val) > st.best_score:
+                st.best_score, st.best_step, st.best_val = score(val), st.step, val
                 best_weights = copy.deepcopy(model.state_dict())
             if cfg.schedule == "plateau":  # Sec. 4.1: halve the lr when validation loss plateaus
                 if val["loss"] < st.plateau_best - 1e-4:
@@ -186,13 +237,12 @@ def fit(
                         st.plateau_bad = 0
             st.train_seconds = time.perf_counter() - t_start
             logger.log(
-                {f"val/{k}": v for k, v in val.items()}
-                | {"val/best_acc": st.best_acc, "time/minutes": st.train_seconds / 60},
+                {f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60},
                 st.step,
             )
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, model, optimizer, st, best_weights)
-            if cfg.early_stop_acc is not None and val["acc"] >= cfg.early_stop_acc:
+            if cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc:
                 stop_reason = "early_stop_acc"
                 break
         if out_of_time:
@@ -205,17 +255,16 @@ def fit(
     model.load_state_dict(best_weights)
     test = evaluate(model, task, "test", cfg.eval_batch_size, autocast)
     logger.log({f"test/{k}": v for k, v in test.items()}, st.step)
-    return {
-        "test/acc": test["acc"],
-        "test/acc_tf": test["acc_tf"],
-        "test/exact": test["exact"],
-        "test/loss": test["loss"],
-        "val/best_acc": st.best_acc,
-        "best_step": st.best_step,
-        "steps": st.step,
-        "stop_reason": stop_reason,
-        "train_minutes": train_seconds / 60,
-        "tokens_per_s": st.tokens / max(train_seconds, 1e-9),
-        "peak_memory_mb": peak_memory_mb(device),
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    return (
+        {f"test/{k}": v for k, v in test.items()}
+        | {
+            "best_step": st.best_step,
+            "steps": st.step,
+            "stop_reason": stop_reason,
+            "train_minutes": train_seconds / 60,
+            "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9),
+            "peak_memory_mb": peak_memory_mb(device),
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+        | {f"val/best_{k}": v for k, v in st.best_val.items()}
+    )

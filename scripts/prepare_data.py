@@ -1,0 +1,57 @@
+"""Prepare language-modelling data from archives you downloaded, for `task.data_dir=DIR`.
+
+    python scripts/prepare_data.py wikitext103 wikitext-103-v1.zip data/wikitext-103
+    python scripts/prepare_data.py enwik8 enwik8.zip data/enwik8
+
+wikitext103: extracts wiki.{train,valid,test}.tokens (the tokenised variant with <unk>, as Transformer-XL).
+enwik8: the first 90M bytes train, the next 5M valid, the last 5M test, written as Transformer-XL's prep_enwik8
+layout: byte values separated by spaces, a line break where the text has one.
+Nothing is downloaded here; the archives come from the datasets' official pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+
+WT_NAMES = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
+
+
+def prepare_wikitext(archive: Path, out: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        members = {Path(m).name: m for m in zf.namelist() if Path(m).name in WT_NAMES}
+        missing = [n for n in WT_NAMES if n not in members]
+        if missing:
+            sys.exit(f"error: {archive} lacks {', '.join(missing)} (expected wikitext-103-v1.zip)")
+        for name in WT_NAMES:
+            (out / name).write_bytes(zf.read(members[name]))
+            print(f"wrote {out / name}")
+
+
+def prepare_enwik8(archive: Path, out: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        data = zf.read("enwik8")
+    n_test = 5_000_000
+    parts = {"train": data[: -2 * n_test], "valid": data[-2 * n_test : -n_test], "test": data[-n_test:]}
+    for split, part in parts.items():
+        text = " ".join("\n" if c == ord("\n") else str(c) for c in part)
+        (out / f"{split}.txt").write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {out / f'{split}.txt'} ({len(part):,} bytes)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=["wikitext103", "enwik8"])
+    parser.add_argument("archive", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args()
+    if not args.archive.is_file():
+        sys.exit(f"error: archive: {args.archive} does not exist")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (prepare_wikitext if args.dataset == "wikitext103" else prepare_enwik8)(args.archive, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
