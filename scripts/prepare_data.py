@@ -2,10 +2,13 @@
 
     python scripts/prepare_data.py wikitext103 wikitext-103-v1.zip data/wikitext-103
     python scripts/prepare_data.py enwik8 enwik8.zip data/enwik8
+    python scripts/prepare_data.py text data/mytext notes1.txt notes2.txt ...
 
 wikitext103: extracts wiki.{train,valid,test}.tokens (the tokenised variant with <unk>, as Transformer-XL).
 enwik8: the first 90M bytes train, the next 5M valid, the last 5M test, written as Transformer-XL's prep_enwik8
 layout: byte values separated by spaces, a line break where the text has one.
+text: any plain-text files, lines in order, cut 90/5/5 into wiki.{train,valid,test}.tokens (words are what
+whitespace separates, as WikiText) for trying the LM task on a corpus at hand.
 Nothing is downloaded here; the archives come from the datasets' official pages.
 """
 
@@ -41,16 +44,37 @@ def prepare_enwik8(archive: Path, out: Path) -> None:
         print(f"wrote {out / f'{split}.txt'} ({len(part):,} bytes)")
 
 
+def prepare_text(files: list[Path], out: Path) -> None:
+    lines = []
+    for path in files:
+        lines += path.read_text(encoding="utf-8", errors="replace").splitlines()
+    n_eval = max(len(lines) // 20, 1)
+    parts = {"train": lines[: -2 * n_eval], "valid": lines[-2 * n_eval : -n_eval], "test": lines[-n_eval:]}
+    for split, part in parts.items():
+        (out / f"wiki.{split}.tokens").write_text("\n".join(" ".join(x.split()) for x in part) + "\n")
+        print(f"wrote {out / f'wiki.{split}.tokens'} ({sum(len(x.split()) for x in part):,} words)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["wikitext103", "enwik8"])
-    parser.add_argument("archive", type=Path)
-    parser.add_argument("out_dir", type=Path)
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    for name in ("wikitext103", "enwik8"):
+        p = sub.add_parser(name)
+        p.add_argument("archive", type=Path)
+        p.add_argument("out_dir", type=Path)
+    p = sub.add_parser("text")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("files", type=Path, nargs="+")
     args = parser.parse_args()
-    if not args.archive.is_file():
-        sys.exit(f"error: archive: {args.archive} does not exist")
+    sources = args.files if args.dataset == "text" else [args.archive]
+    for path in sources:
+        if not path.is_file():
+            sys.exit(f"error: {path} does not exist")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (prepare_wikitext if args.dataset == "wikitext103" else prepare_enwik8)(args.archive, args.out_dir)
+    if args.dataset == "text":
+        prepare_text(args.files, args.out_dir)
+    else:
+        (prepare_wikitext if args.dataset == "wikitext103" else prepare_enwik8)(args.archive, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,16 @@ def test_lr_schedules():
     assert lr_factor(cos, 0) == 0.1 and lr_factor(cos, 9) == 1.0
     assert abs(lr_factor(cos, 60) - 0.55) < 1e-9 and abs(lr_factor(cos, 110) - 0.1) < 1e-9
     assert lr_factor(TrainerConfig(schedule="constant"), 1000) == 1.0
+
+
+def test_plateau_halves_the_lr_after_patience():
+    from rmt_bench.config import TrainerConfig
+    from rmt_bench.train.loop import TrainState, plateau_step
+
+    cfg = TrainerConfig(schedule="plateau", plateau_patience=2, plateau_factor=0.5, lr=1.0)
+    st = TrainState()
+    for loss in (3.0, 2.0, 2.0, 2.0):
+        plateau_step(st, cfg, loss)
+    assert st.plateau_scale == 1.0
+    plateau_step(st, cfg, 2.5)  # third evaluation without improvement
+    assert st.plateau_scale == 0.5 and st.plateau_bad == 0

@@ -153,6 +153,17 @@ def score(metrics: dict) -> float:
     return metrics["acc"] if "acc" in metrics else -metrics["loss"]
 
 
+def plateau_step(st: TrainState, cfg: TrainerConfig, val_loss: float) -> None:
+    """Sec. 4.1: halve the lr when the validation loss has not improved for `plateau_patience` evaluations."""
+    if val_loss < st.plateau_best - 1e-4:
+        st.plateau_best, st.plateau_bad = val_loss, 0
+        return
+    st.plateau_bad += 1
+    if st.plateau_bad > cfg.plateau_patience:
+        st.plateau_scale = max(st.plateau_scale * cfg.plateau_factor, cfg.min_lr / cfg.lr)
+        st.plateau_bad = 0
+
+
 def fit(
     model: RecurrentModel,
     task: AlgorithmicTask,
@@ -210,14 +221,9 @@ def fit(
 
         if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
             elapsed = time.perf_counter() - window_start
-            logger.log(
-                {
-                    "train/loss": window_loss / window_steps,
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/tokens_per_s": window_tokens / elapsed,
-                },
-                st.step,
-            )
+            lr = optimizer.param_groups[0]["lr"]
+            logger.log({"train/loss": window_loss / window_steps, "train/lr": lr,
+                        "train/tokens_per_s": window_tokens / elapsed}, st.step)  # fmt: skip
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
 
         minutes = (time.perf_counter() - t_start) / 60
@@ -227,19 +233,10 @@ def fit(
             if score(val) > st.best_score:
                 st.best_score, st.best_step, st.best_val = score(val), st.step, val
                 best_weights = copy.deepcopy(model.state_dict())
-            if cfg.schedule == "plateau":  # Sec. 4.1: halve the lr when validation loss plateaus
-                if val["loss"] < st.plateau_best - 1e-4:
-                    st.plateau_best, st.plateau_bad = val["loss"], 0
-                else:
-                    st.plateau_bad += 1
-                    if st.plateau_bad > cfg.plateau_patience:
-                        st.plateau_scale = max(st.plateau_scale * cfg.plateau_factor, cfg.min_lr / cfg.lr)
-                        st.plateau_bad = 0
+            if cfg.schedule == "plateau":
+                plateau_step(st, cfg, val["loss"])
             st.train_seconds = time.perf_counter() - t_start
-            logger.log(
-                {f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60},
-                st.step,
-            )
+            logger.log({f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60}, st.step)
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, model, optimizer, st, best_weights)
             if cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc:
@@ -255,16 +252,8 @@ def fit(
     model.load_state_dict(best_weights)
     test = evaluate(model, task, "test", cfg.eval_batch_size, autocast)
     logger.log({f"test/{k}": v for k, v in test.items()}, st.step)
-    return (
-        {f"test/{k}": v for k, v in test.items()}
-        | {
-            "best_step": st.best_step,
-            "steps": st.step,
-            "stop_reason": stop_reason,
-            "train_minutes": train_seconds / 60,
-            "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9),
-            "peak_memory_mb": peak_memory_mb(device),
-            "params": sum(p.numel() for p in model.parameters()),
-        }
-        | {f"val/best_{k}": v for k, v in st.best_val.items()}
-    )
+    return {f"test/{k}": v for k, v in test.items()} | {f"val/best_{k}": v for k, v in st.best_val.items()} | {
+        "best_step": st.best_step, "steps": st.step, "stop_reason": stop_reason,
+        "train_minutes": train_seconds / 60, "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
+    }  # fmt: skip

@@ -1,0 +1,50 @@
+"""scripts/prepare_data.py turns archives and plain text into a data dir the LM task reads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+from rmt_bench.config import LMTaskConfig
+from rmt_bench.tasks.wikitext import load_corpus
+from tests.conftest import ROOT
+from tests.test_wikitext import write_wikitext
+
+
+def prepare(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "prepare_data.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_wikitext_archive_is_unpacked_to_a_data_dir(tmp_path):
+    src = write_wikitext(tmp_path / "src")
+    archive = tmp_path / "wikitext-103-v1.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for split in ("train", "valid", "test"):
+            zf.write(src / f"wiki.{split}.tokens", f"wikitext-103/wiki.{split}.tokens")
+    res = prepare("wikitext103", archive, tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    vocab, splits = load_corpus(LMTaskConfig(data_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c")))
+    reference, ref_splits = load_corpus(LMTaskConfig(data_dir=str(src), cache_dir=str(tmp_path / "c2")))
+    assert vocab == reference and (splits["train"] == ref_splits["train"]).all()
+
+
+def test_text_files_are_split_in_order(tmp_path):
+    text = tmp_path / "a.txt"
+    text.write_text("\n".join(f"line {i} has  some   words" for i in range(200)))
+    res = prepare("text", tmp_path / "out", text)
+    assert res.returncode == 0, res.stderr
+    train = (tmp_path / "out" / "wiki.train.tokens").read_text().splitlines()
+    test = (tmp_path / "out" / "wiki.test.tokens").read_text().splitlines()
+    assert train[0] == "line 0 has some words" and test[-1] == "line 199 has some words"
+    assert len(train) == 180
+
+
+def test_missing_archive_is_one_line(tmp_path):
+    res = prepare("wikitext103", tmp_path / "nope.zip", tmp_path / "out")
+    assert res.returncode != 0 and res.stderr.strip().startswith("error:")
