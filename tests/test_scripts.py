@@ -48,3 +48,42 @@ def test_text_files_are_split_in_order(tmp_path):
 def test_missing_archive_is_one_line(tmp_path):
     res = prepare("wikitext103", tmp_path / "nope.zip", tmp_path / "out")
     assert res.returncode != 0 and res.stderr.strip().startswith("error:")
+
+
+def test_wheel_ships_the_configs_and_runs_from_elsewhere(tmp_path):
+    """A non-editable install finds its Hydra configs inside the package, from any directory."""
+    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    wheel = next(wheels.glob("rmt_bench-*.whl"))
+    install = subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300
+    )
+    assert install.returncode == 0, install.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "rmt_bench.cli", "--cfg", "job", "--resolve", "model=xl", "mem=9"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)},
+    )
+    assert res.returncode == 0, res.stderr
+    assert (
+        "mem_len: 9" in res.stdout
+        and str(target)
+        in subprocess.run(
+            [sys.executable, "-c", "import rmt_bench.cli as c; print(c.CONFIG_DIR)"],
+            cwd=elsewhere,
+            text=True,
+            capture_output=True,
+            env={"PYTHONPATH": str(target)},
+        ).stdout
+    )
