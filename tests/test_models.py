@@ -160,9 +160,10 @@ def test_history_carries_bptt_into_the_next_batch():
     assert model.memory.grad is not None and model.memory.grad.abs().sum() > 0  # 1 segment back: reached
 
 
-def test_greedy_generation_matches_teacher_forced_argmax():
+@pytest.mark.parametrize("name", ["vanilla", "memtr", "xl", "rmt", "rmt_xl"])
+def test_greedy_generation_matches_teacher_forced_argmax(name):
     """Re-scoring the greedy inputs teacher-forced gives the greedy predictions everywhere."""
-    model = build_model(tiny_model("rmt", dropout=0.1), VOCAB).eval()
+    model = build_model(tiny_model(name, dropout=0.1), VOCAB).eval()
     x = tokens(b=4, s=3, n=4)
     answer = torch.zeros(x.shape, dtype=torch.bool)
     answer.view(4, -1)[:, 5:] = True  # the answer starts inside segment 2 and runs across segment 3

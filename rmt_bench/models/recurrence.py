@@ -79,11 +79,15 @@ class RecurrentModel(nn.Module):
     def head(self):
         return self.backbone.head
 
-    def segment(self, tokens: Tensor, state: SegmentState) -> tuple[Tensor, SegmentState]:
-        """One segment. tokens (B, n) -> hidden states of the tokens (B, n, d), the state for the next one."""
+    def segment(self, tokens: Tensor, state: SegmentState, write: bool = True) -> tuple[Tensor, SegmentState]:
+        """One segment. tokens (B, n) -> hidden states of the tokens (B, n, d), the state for the next one.
+
+        write=False leaves out the write block (tokens never see it): the token outputs are the same, and the
+        returned state is of no use. Greedy decoding uses it for its partial segments.
+        """
         cfg, (bsz, n) = self.cfg, tokens.shape
         m = cfg.num_mem_tokens
-        write = m > 0 and cfg.recurrent_memory
+        write = write and m > 0 and cfg.recurrent_memory
         h = self.backbone.embed_tokens(tokens)  # (B, n, d)
         if m:
             init = state.memory is None or not cfg.recurrent_memory
@@ -180,8 +184,8 @@ def generate_greedy(
 
     inputs, answer (B, S, n): where answer[b, s, t] is set, the prediction at t becomes the input at t+1
     (the next segment's first input after a segment's last position). Within a segment the tokens do not see
-    the write memory, so re-running the segment with the inputs filled so far gives causal predictions; the
-    final run, with every input settled, writes the memory and cache for the next segment.
+    the write memory, so running the segment's prefix filled so far (without the write block) gives causal
+    predictions; the final run, with every input settled, writes the memory and cache for the next segment.
     -> predictions (B, S, n) and the inputs actually used (B, S, n).
     """
     inputs, answer = inputs.clone(), answer.bool()
@@ -194,7 +198,7 @@ def generate_greedy(
             tokens[:, 0] = torch.where(answer[:, s - 1, -1], preds[:, s - 1, -1], tokens[:, 0])
         for t in range(n - 1):
             if bool(answer[:, s, t].any()):
-                hidden, _ = model.segment(tokens, state)
+                hidden, _ = model.segment(tokens[:, : t + 1], state, write=False)  # the prefix is enough
                 pred_t = model.head.logits(hidden[:, t]).argmax(-1)
                 tokens[:, t + 1] = torch.where(answer[:, s, t], pred_t, tokens[:, t + 1])
         hidden, state = model.segment(tokens, state)
