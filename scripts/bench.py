@@ -2,6 +2,7 @@
 
     python scripts/bench.py train --task reverse --batch-size 64 --steps 20
     python scripts/bench.py eval-scaling --segments 4 16 64 256
+    python scripts/bench.py matmul          # is bf16 faster than fp32 on this CPU?
 
 Numbers go to docs/PERFORMANCE.md together with the command that produced them. Run on an idle machine.
 """
@@ -81,6 +82,22 @@ def bench_eval_scaling(args) -> None:
         print(f"| {n_seg} | {x.numel():,} | {dt:.2f} | {dt / x.numel() * 1e6:.1f} | {rss:.0f} |")
 
 
+def bench_matmul(args) -> None:
+    """fp32 vs bf16 matmul throughput at the model's shapes and at a large square size."""
+    print("| dtype | shape | GFLOP/s |")
+    print("|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        for m, k, n in ((6144, 128, 768), (2048, 2048, 2048)):
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a @ b
+            reps = 20
+            start = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            dt = (time.perf_counter() - start) / reps
+            print(f"| {str(dtype).removeprefix('torch.')} | {m}x{k} @ {k}x{n} | {2 * m * k * n / dt / 1e9:,.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -98,9 +115,11 @@ def main() -> None:
     e.add_argument("--segment-len", type=int, default=12)
     e.add_argument("--mem", type=int, default=6)
     e.add_argument("--batch-size", type=int, default=32)
+    sub.add_parser("matmul")
     args = parser.parse_args()
+    commands = {"train": bench_train, "eval-scaling": bench_eval_scaling, "matmul": bench_matmul}
     with contextlib.suppress(KeyboardInterrupt):
-        (bench_train if args.cmd == "train" else bench_eval_scaling)(args)
+        commands[args.cmd](args)
 
 
 if __name__ == "__main__":

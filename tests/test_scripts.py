@@ -87,3 +87,27 @@ def test_wheel_ships_the_configs_and_runs_from_elsewhere(tmp_path):
             env={"PYTHONPATH": str(target)},
         ).stdout
     )
+
+
+def test_bench_script_prints_its_tables():
+    bench = [sys.executable, str(ROOT / "scripts" / "bench.py")]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    train = subprocess.run(
+        [*bench, "train", "--models", "vanilla", "rmt", "--steps", "1", "--warmup", "1", "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert train.returncode == 0, train.stderr
+    rows = [x for x in train.stdout.splitlines() if x.startswith("| rmt") or x.startswith("| vanilla")]
+    assert len(rows) == 2
+    scaling = subprocess.run(
+        [*bench, "eval-scaling", "--segments", "1", "3", "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert scaling.returncode == 0, scaling.stderr
+    assert len([x for x in scaling.stdout.splitlines() if x.startswith("| 1 ") or x.startswith("| 3 ")]) == 2
