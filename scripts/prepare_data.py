@@ -8,7 +8,7 @@ wikitext103: extracts wiki.{train,valid,test}.tokens (the tokenised variant with
 enwik8: the first 90M bytes train, the next 5M valid, the last 5M test, written as Transformer-XL's prep_enwik8
 layout: byte values separated by spaces, a line break where the text has one.
 text: any plain-text files, lines in order, cut 90/5/5 into wiki.{train,valid,test}.tokens (words are what
-whitespace separates, as WikiText) for trying the LM task on a corpus at hand.
+whitespace separates); as WikiText, words seen fewer than --min-count times in train become <unk> everywhere.
 Nothing is downloaded here; the archives come from the datasets' official pages.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 WT_NAMES = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
@@ -44,14 +45,16 @@ def prepare_enwik8(archive: Path, out: Path) -> None:
         print(f"wrote {out / f'{split}.txt'} ({len(part):,} bytes)")
 
 
-def prepare_text(files: list[Path], out: Path) -> None:
+def prepare_text(files: list[Path], out: Path, min_count: int = 3) -> None:
     lines = []
     for path in files:
-        lines += path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines += [" ".join(x.split()) for x in path.read_text(encoding="utf-8", errors="replace").splitlines()]
     n_eval = max(len(lines) // 20, 1)
     parts = {"train": lines[: -2 * n_eval], "valid": lines[-2 * n_eval : -n_eval], "test": lines[-n_eval:]}
+    counts = Counter(w for line in parts["train"] for w in line.split())
     for split, part in parts.items():
-        (out / f"wiki.{split}.tokens").write_text("\n".join(" ".join(x.split()) for x in part) + "\n")
+        text = "\n".join(" ".join(w if counts[w] >= min_count else "<unk>" for w in x.split()) for x in part)
+        (out / f"wiki.{split}.tokens").write_text(text + "\n", encoding="utf-8")
         print(f"wrote {out / f'wiki.{split}.tokens'} ({sum(len(x.split()) for x in part):,} words)")
 
 
@@ -65,6 +68,7 @@ def main() -> None:
     p = sub.add_parser("text")
     p.add_argument("out_dir", type=Path)
     p.add_argument("files", type=Path, nargs="+")
+    p.add_argument("--min-count", type=int, default=3)
     args = parser.parse_args()
     sources = args.files if args.dataset == "text" else [args.archive]
     for path in sources:
@@ -72,7 +76,7 @@ def main() -> None:
             sys.exit(f"error: {path} does not exist")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.dataset == "text":
-        prepare_text(args.files, args.out_dir)
+        prepare_text(args.files, args.out_dir, args.min_count)
     else:
         (prepare_wikitext if args.dataset == "wikitext103" else prepare_enwik8)(args.archive, args.out_dir)
 

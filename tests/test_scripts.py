@@ -36,13 +36,13 @@ def test_wikitext_archive_is_unpacked_to_a_data_dir(tmp_path):
 
 def test_text_files_are_split_in_order(tmp_path):
     text = tmp_path / "a.txt"
-    text.write_text("\n".join(f"line {i} has  some   words" for i in range(200)))
-    res = prepare("text", tmp_path / "out", text)
+    text.write_text("\n".join(f"line {i} has  some   words" for i in range(200)) + "\nrare")
+    res = prepare("text", tmp_path / "out", text, "--min-count", "2")
     assert res.returncode == 0, res.stderr
     train = (tmp_path / "out" / "wiki.train.tokens").read_text().splitlines()
     test = (tmp_path / "out" / "wiki.test.tokens").read_text().splitlines()
-    assert train[0] == "line 0 has some words" and test[-1] == "line 199 has some words"
-    assert len(train) == 180
+    assert train[0] == "line <unk> has some words" and test[-2] == "line <unk> has some words"  # numbers: rare
+    assert test[-1] == "<unk>" and len(train) == 181
 
 
 def test_missing_archive_is_one_line(tmp_path):
