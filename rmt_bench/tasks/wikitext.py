@@ -8,6 +8,10 @@ Vocabulary: whitespace tokens counted on train only, case kept, `<eos>` at the e
 too), sorted by frequency (adaptive softmax cutoffs rely on it). Each split is encoded once into an int32 `.npy`
 in the cache dir, keyed by a hash of the sources, and memory-mapped by every later job (a sweep shares it).
 
+Character level (`level=char`, enwik8 prepared as Transformer-XL's prep_enwik8 does: byte values separated by
+spaces, a line per text line): the same reader; each line's end becomes `<eos>`, so newlines are scored, where
+Transformer-XL's loader drops them.
+
 Batching (Transformer-XL's ordered iterator): the stream is cut into `batch_size` columns read in order, so memory
 and cache carry from one batch to the next.
 """
