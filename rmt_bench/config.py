@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, fields
 MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
 ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval")
 LM_TASKS = ("wikitext103", "enwik8")
-TASK_NAMES = ALGORITHMIC_TASKS + LM_TASKS
 LEVELS = ("word", "char")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "plateau")
