@@ -35,6 +35,9 @@ _PACKAGED = Path(__file__).resolve().parent / "configs"  # inside an installed w
 CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs")
 CHECKPOINT_FILE = "checkpoint.pt"
 
+# configs/arch/trainable.yaml: init std sqrt(2 / (5 d_model)), scaled to the width (Nguyen & Salazar 2019)
+OmegaConf.register_new_resolver("width_std", lambda d_model: round((2 / (5 * float(d_model))) ** 0.5, 6), replace=True)
+
 
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
@@ -83,6 +86,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         summary = {
             "task": cfg.task.name,
             "model": cfg.model.name,
+            "arch": cfg.model.arch,
             "mem": cfg.mem,
             "segments": cfg.task.segments,
             "seed": cfg.seed,
@@ -104,6 +108,8 @@ def summary_line(s: dict) -> str:
     test = f"test {key} {s[f'test/{key}']:.4f}"
     if key == "acc":
         test += f" (greedy) acc_tf {s['test/acc_tf']:.4f} exact {s['test/exact']:.4f}"
+    if "test_memory_reset/acc" in s:
+        test += f" | memory reset: acc {s['test_memory_reset/acc']:.4f}"
     best = s.get(f"val/best_{key}", float("nan"))
     return (
         f"{s['task']} {s['model']} mem={s['mem']} segments={s['segments']} seed={s['seed']} | {test} | "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
+ARCHS = ("paper", "trainable")  # backbone styles: configs/arch/*.yaml set pre_lnorm and init_std
 ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval")
 LM_TASKS = ("wikitext103", "enwik8")
 LEVELS = ("word", "char")
@@ -53,6 +54,9 @@ class ModelConfig:
     """
 
     name: str = "rmt"
+    # the backbone style, recorded with every run: `paper` (post-LN, init 0.02, App. A) or `trainable` (pre-LN
+    # with a final norm, init sqrt(2 / (5 d_model))); the modules read only pre_lnorm and init_std
+    arch: str = "paper"
     n_layer: int = 4
     d_model: int = 128
     n_head: int = 4
@@ -79,6 +83,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
+        _choice("model.arch", self.arch, ARCHS)
         for key in ("n_layer", "d_model", "n_head", "d_head", "d_inner"):
             _at_least(f"model.{key}", getattr(self, key), 1)
         _in_range("model.dropout", self.dropout, 0.0, 0.99)
@@ -213,8 +218,11 @@ class TrainerConfig:
     grad_clip: float = 0.25
     batch_size: int = 32
     max_steps: int = 250_000
-    max_minutes: float | None = None  # stop training (then test) after this wall time
+    # a time budget: the steps that fit in it are measured once, before step 0, and become the run's step
+    # budget (at most max_steps); the run is then a function of its step count, not of the clock
+    max_minutes: float | None = None
     early_stop_acc: float | None = None  # stop once validation greedy accuracy reaches this
+    memory_reset_control: bool = False  # also test with the memory reset at every segment (test_memory_reset/*)
     eval_every: int = 1000
     eval_batch_size: int = 500
     log_every: int = 50

@@ -18,6 +18,7 @@ from rmt_bench.config import LoggerConfig
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"  # the resolved run config as the run used it (the fixed step budget included)
 
 
 def _plain(value):
@@ -35,6 +36,8 @@ class RunLogger:
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
         self._bar = None
         self.wandb = None
+        self.config = config
+        self._write_config()
         if cfg.kind == "wandb":
             self._start_wandb(config)
 
@@ -66,6 +69,24 @@ class RunLogger:
             file=sys.stderr,
         )
         self.wandb = None
+
+    # --- the resolved config
+    def _write_config(self) -> None:
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, default=str))
+
+    def update_config(self, updates: dict) -> None:
+        """Values fixed during the run (e.g. `{"trainer": {"max_steps": 1800}}`) into config.json and W&B."""
+        for section, values in updates.items():
+            if isinstance(self.config.get(section), dict):
+                self.config[section] = self.config[section] | values
+            else:
+                self.config[section] = values
+        self._write_config()
+        if self.wandb is not None:
+            try:
+                self.wandb.config.update({k: self.config[k] for k in updates}, allow_val_change=True)
+            except Exception as exc:
+                self._wandb_failed("update the config", exc)
 
     # --- progress bar (quiet when stderr is not a terminal)
     def start_progress(self, total: int, initial: int = 0) -> None:

@@ -3,6 +3,7 @@
     python scripts/bench.py train --task reverse --batch-size 64 --steps 20
     python scripts/bench.py eval-scaling --segments 4 16 64 256
     python scripts/bench.py matmul          # is bf16 faster than fp32 on this CPU?
+    python scripts/bench.py runs --seeds 0 1 2 -- task=reverse model=rmt mem=6   # whole runs, wall clock
 
 Numbers go to docs/PERFORMANCE.md together with the command that produced them. Run on an idle machine.
 """
@@ -11,8 +12,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -98,6 +105,43 @@ def bench_matmul(args) -> None:
             print(f"| {str(dtype).removeprefix('torch.')} | {m}x{k} @ {k}x{n} | {2 * m * k * n / dt / 1e9:,.0f} |")
 
 
+def bench_runs(args) -> None:
+    """Whole `rmt-bench` runs as a user types them, one after another, each timed by the wall clock from start
+    to exit (set-up, training, validation and the test evaluation); the memory-reset control is switched on,
+    so `reset acc` is the test accuracy of the same weights with the memory reset at every segment."""
+    out = Path(args.out or tempfile.mkdtemp(prefix="rmt-bench-runs-"))
+    rows = []
+    for model in args.models or [None]:
+        for seed in args.seeds:
+            name = f"{model or 'default'}-seed{seed}"
+            overrides = [*args.overrides, *([f"model={model}"] if model else []), f"seed={seed}"]
+            cmd = ["rmt-bench", *overrides, "logger=none", "trainer.memory_reset_control=true",
+                   f"hydra.run.dir={out / name}"]  # fmt: skip
+            print("$", " ".join(cmd[:-1]), flush=True)
+            start = time.perf_counter()
+            res = subprocess.run(
+                [sys.executable, "-m", "rmt_bench.cli", *cmd[1:]], env=os.environ | {"WANDB_MODE": "disabled"}
+            )
+            wall = (time.perf_counter() - start) / 60
+            if res.returncode:
+                rows.append(f"| {model or '-'} | {seed} | failed (exit {res.returncode}) | | | | | | |")
+                continue
+            s = json.loads((out / name / "summary.json").read_text())
+            reset = s.get("test_memory_reset/acc")
+            rows.append(
+                f"| {s['model']} | {seed} | {s['steps']:,} / {s['budget_steps']:,} | {s['stop_reason']} | "
+                f"{s['train_minutes']:.1f} | {wall:.1f} | **{s['test/acc']:.4f}** | {s['test/exact']:.4f} | "
+                f"{'-' if reset is None else f'{reset:.4f}'} |"
+            )
+    print(f"\nrmt-bench {' '.join(args.overrides)} (run dirs under {out})")
+    print("| model | seed | steps / budget | stop | train min | wall min | test acc (greedy) | exact | reset acc |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    accs = [float(r.split("**")[1]) for r in rows if "**" in r]
+    if accs:
+        print(f"\nminimum test acc over {len(accs)} runs: {min(accs):.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -116,8 +160,13 @@ def main() -> None:
     e.add_argument("--mem", type=int, default=6)
     e.add_argument("--batch-size", type=int, default=32)
     sub.add_parser("matmul")
+    r = sub.add_parser("runs", help="whole rmt-bench runs per seed (and model), timed by the wall clock")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--models", nargs="+", default=None, help="one run per model and seed (default: as configured)")
+    r.add_argument("--out", default=None, help="where the run dirs go (default: a new temporary directory)")
+    r.add_argument("overrides", nargs="*", help="rmt-bench overrides, after --")
     args = parser.parse_args()
-    commands = {"train": bench_train, "eval-scaling": bench_eval_scaling, "matmul": bench_matmul}
+    commands = {"train": bench_train, "eval-scaling": bench_eval_scaling, "matmul": bench_matmul, "runs": bench_runs}
     with contextlib.suppress(KeyboardInterrupt):
         commands[args.cmd](args)
 

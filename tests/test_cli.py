@@ -15,7 +15,7 @@ from rmt_bench.models import build_model
 from rmt_bench.tasks import build_task
 from tests.conftest import TINY, run_cli
 
-GROUPS = ("task", "model", "backbone", "trainer", "logger")
+GROUPS = ("task", "model", "backbone", "arch", "trainer", "logger")
 
 
 def options(group: str) -> list[str]:
@@ -57,7 +57,7 @@ def test_every_task_and_model_composes_and_builds(tmp_path, task, model):
     assert sum(p.numel() for p in built.parameters()) > 0
 
 
-@pytest.mark.parametrize("group", ["backbone", "trainer", "logger"])
+@pytest.mark.parametrize("group", ["backbone", "arch", "trainer", "logger"])
 def test_every_other_config_composes(group):
     for option in options(group):
         cfg = to_run_config(compose_cfg([f"{group}={option}"]))
@@ -75,6 +75,35 @@ def test_paper_sizes_per_task():
         assert abs(n - params) / params < 0.1, n
 
 
+@pytest.mark.parametrize(
+    ("args", "arch", "pre_lnorm", "init_std"),
+    [
+        ([], "trainable", True, (2 / 640) ** 0.5),  # the CPU presets: pre-LN, init scaled to the width
+        (["task=retrieval"], "trainable", True, (2 / 320) ** 0.5),
+        (["trainer=cpu"], "trainable", True, (2 / 640) ** 0.5),
+        (["trainer=paper"], "paper", False, 0.02),  # App. A exactly
+        (["trainer=lm_paper", "task=wikitext103"], "paper", False, 0.02),
+        (["trainer=paper", "arch=trainable"], "trainable", True, (2 / 640) ** 0.5),  # the command line wins
+        (["arch=paper"], "paper", False, 0.02),
+    ],
+)
+def test_arch_sets_the_backbone_style(args, arch, pre_lnorm, init_std):
+    cfg = to_run_config(compose_cfg(args)).model
+    assert (cfg.arch, cfg.pre_lnorm) == (arch, pre_lnorm) and abs(cfg.init_std - init_std) < 1e-6
+
+
+def test_arch_builds_the_modules_it_names():
+    """trainable: pre-LN blocks with a final norm and weights of std sqrt(2 / (5 d_model)); paper: post-LN, 0.02."""
+    from torch import nn
+
+    for arch, std, final in (("trainable", (2 / 640) ** 0.5, nn.LayerNorm), ("paper", 0.02, nn.Identity)):
+        cfg = to_run_config(compose_cfg([f"arch={arch}", "task.train_size=8"]))
+        model = build_model(cfg.model, build_task(cfg.task).vocab_size)
+        assert isinstance(model.backbone.final_norm, final) and model.backbone.layers[0].pre_lnorm == (arch != "paper")
+        weight = model.backbone.layers[0].ff.net[0].weight  # 256 x 128 draws
+        assert abs(weight.std().item() - std) / std < 0.05, (arch, weight.std().item())
+
+
 def test_mem_sets_memory_tokens():
     assert to_run_config(compose_cfg(["model=rmt", "mem=12"])).model.num_mem_tokens == 12
 
@@ -88,6 +117,9 @@ def test_single_run_writes_metrics_and_summary(tmp_path):
     assert any("test/acc" in x for x in lines)
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["test/acc"] <= 1.0 and summary["steps"] == 6 and summary["model"] == "rmt"
+    assert summary["arch"] == "trainable" and summary["budget_steps"] == 6
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["model"]["arch"] == "trainable" and resolved["model"]["pre_lnorm"] is True
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("reverse rmt mem=2") and "test acc" in last
 
@@ -140,6 +172,8 @@ def test_cfg_job_resolve_shows_the_config(tmp_path):
         (["model=vanilla", "model.num_mem_tokens=3"], "model.name", "vanilla has no memory"),
         (["trainer.lr=-1"], "trainer.lr", "> 0"),
         (["trainer.schedule=linear"], "trainer.schedule", "choose one of"),
+        (["arch=fast"], "arch=fast", "choose one of: paper, trainable"),
+        (["model.arch=fast"], "model.arch", "choose one of: paper, trainable"),
     ],
 )
 def test_bad_input_fails_with_one_line(tmp_path, args, key, says):

@@ -46,7 +46,7 @@ def test_relative_attention_equals_per_pair_computation():
     emb = SinusoidalDistances(d)
     pos_emb = emb(relative_distances(q, k, -1))
     mask = torch.zeros(q, k)  # no mask at all: queries also attend ahead (negative distances)
-    out = attn(x, ctx, pos_emb, u, v, mask)
+    out = attn(x, *attn.project_kv(ctx), pos_emb, u, v, mask)
 
     qv = attn.q_net(x).view(q, h, dh)
     kk, vv = attn.kv_net(ctx).view(k, 2, h, dh).unbind(1)
@@ -173,3 +173,58 @@ def test_greedy_generation_matches_teacher_forced_argmax(name):
     assert torch.equal(flat_used[:, :6], x.view(4, -1)[:, :6])  # inputs before the answer are untouched
     hidden, _ = model(used)
     assert torch.equal(model.head.logits(hidden).argmax(-1), preds)
+
+
+@torch.no_grad()
+def prefix_rerun_greedy(model, inputs, answer):
+    """The reference decoder (the project's first): for every answer position, re-run the segment's prefix
+    filled so far, without the write block; then the whole segment once to carry the state."""
+    inputs, answer = inputs.clone(), answer.bool()
+    preds, state = torch.empty_like(inputs), SegmentState()
+    for s in range(inputs.shape[1]):
+        tok = inputs[:, s]
+        if s > 0:
+            tok[:, 0] = torch.where(answer[:, s - 1, -1], preds[:, s - 1, -1], tok[:, 0])
+        for t in range(inputs.shape[2] - 1):
+            if bool(answer[:, s, t].any()):
+                hidden, _ = model.segment(tok[:, : t + 1], state, write=False)
+                tok[:, t + 1] = torch.where(answer[:, s, t], model.head.logits(hidden[:, t]).argmax(-1), tok[:, t + 1])
+        hidden, state = model.segment(tok, state)
+        preds[:, s] = model.head.logits(hidden).argmax(-1)
+    return preds, inputs
+
+
+CACHED_DECODING_MODELS = [
+    ("vanilla", {}),
+    ("memtr", {}),
+    ("xl", {}),
+    ("xl", {"same_length": True, "clamp_len": 3}),
+    ("rmt", {}),
+    ("rmt", {"pre_lnorm": True}),
+    ("rmt_xl", {"read_mem_from_cache": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "switches"), CACHED_DECODING_MODELS, ids=lambda x: str(x))
+def test_cached_greedy_decoding_equals_prefix_reruns(name, switches):
+    """Key/value-cached decoding gives the prefix re-run's predictions and inputs, and each decoded segment's
+    hidden states and carried state equal one forward pass of `segment` on its filled tokens (1e-5, fp32).
+    Answers of different lengths per example, crossing segment borders, plus a lone answer position."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model(name, **switches), VOCAB).eval()
+    x = tokens(b=5, s=3, n=6, seed=3)
+    answer = torch.zeros(x.shape, dtype=torch.bool)
+    flat = answer.view(5, -1)
+    for b in range(5):
+        flat[b, 4 + b :] = True  # starts in segment 1 (b < 2) or 2, runs across the border into segment 3
+    answer[0, 0, 1] = True  # a lone position early on
+    preds, used = generate_greedy(model, x, answer)
+    ref_preds, ref_used = prefix_rerun_greedy(model, x, answer)
+    assert torch.equal(used, ref_used) and torch.equal(preds, ref_preds)
+    state = ref_state = SegmentState()
+    for s in range(3):
+        hidden, state = model.decode_segment(used[:, s].clone(), state, answer[:, s])
+        ref_hidden, ref_state = model.segment(used[:, s], ref_state)
+        assert_close(model.head.logits(hidden), model.head.logits(ref_hidden), atol=1e-5, rtol=1e-5)
+        for got, ref in ((state.memory, ref_state.memory), *zip(state.cache or [], ref_state.cache or [])):
+            assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -111,3 +112,27 @@ def test_bench_script_prints_its_tables():
     )
     assert scaling.returncode == 0, scaling.stderr
     assert len([x for x in scaling.stdout.splitlines() if x.startswith("| 1 ") or x.startswith("| 3 ")]) == 2
+
+
+def test_bench_runs_reports_each_run_from_its_summary(tmp_path):
+    """`bench.py runs` runs rmt-bench per model and seed and tabulates what each summary.json says."""
+    bench = [sys.executable, str(ROOT / "scripts" / "bench.py")]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    tiny = ["backbone=tiny", "trainer.max_steps=4", "trainer.eval_every=2", "task.train_size=32",
+            "task.valid_size=8", "task.test_size=8", "mem=2"]  # fmt: skip
+    res = subprocess.run(
+        [*bench, "runs", "--seeds", "0", "1", "--models", "vanilla", "rmt", "--out", str(tmp_path), "--", *tiny],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = {tuple(c.strip() for c in x.split("|")[1:3]): x for x in res.stdout.splitlines() if x.startswith("| ")}
+    for model in ("vanilla", "rmt"):
+        for seed in (0, 1):
+            summary = json.loads((tmp_path / f"{model}-seed{seed}" / "summary.json").read_text())
+            row = rows[(model, str(seed))]
+            assert f"**{summary['test/acc']:.4f}**" in row and "4 / 4" in row
+            reset = summary.get("test_memory_reset/acc")
+            assert (reset is None) == (model == "vanilla") and (reset is None or f"{reset:.4f} |" in row)

@@ -48,14 +48,25 @@ class Backbone(nn.Module):
         """tokens (B, T) -> (B, T, d), scaled and dropped out."""
         return self.drop(self.embed(tokens))
 
-    def forward(self, h: Tensor, caches: list[Tensor] | None, mask_bias: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """h (B, Q, d) input vectors (memory + token embeddings); caches: per layer (B, M, d) or None;
-        mask_bias (Q, M+Q). -> final hidden (B, Q, d), and each layer's input (B, Q, d) for the XL cache."""
+    def forward(
+        self,
+        h: Tensor,
+        caches: list[Tensor] | None,
+        mask_bias: Tensor,
+        past: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> tuple[Tensor, list[Tensor], list[tuple[Tensor, Tensor]]]:
+        """h (B, Q, d) input vectors (memory + token embeddings), the last Q of the K = mask_bias.shape[1] key
+        positions; caches: per layer (B, M, d) or None; past (decoding, instead of caches): per layer the keys
+        and values (B, H, K-Q, Dh) of the positions before h. -> final hidden (B, Q, d), each layer's input
+        (B, Q, d) for the XL cache, and each layer's keys and values (B, H, K, Dh) for decoding."""
         qlen = h.shape[1]
         klen = mask_bias.shape[1]
         pos_emb = self.drop(self.distances(relative_distances(qlen, klen, self.cfg.clamp_len, h.device)))
-        layer_inputs = []
+        layer_inputs, kvs = [], []
         for i, layer in enumerate(self.layers):
             layer_inputs.append(h)
-            h = layer(h, caches[i] if caches else None, pos_emb, self.u, self.v, mask_bias)
-        return self.final_norm(h), layer_inputs
+            h, kv = layer(
+                h, caches[i] if caches else None, pos_emb, self.u, self.v, mask_bias, past[i] if past else None
+            )
+            kvs.append(kv)
+        return self.final_norm(h), layer_inputs, kvs

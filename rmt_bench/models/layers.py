@@ -87,14 +87,21 @@ class RelMultiHeadAttention(nn.Module):
         self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
         self.drop = Dropout(dropout)
 
-    def forward(self, h: Tensor, context: Tensor, pos_emb: Tensor, u: Tensor, v: Tensor, mask_bias: Tensor) -> Tensor:
-        """h (B, Q, d) queries; context (B, K, d) keys/values (cache + h); pos_emb (P, d);
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, L, d) -> keys and values (B, H, L, Dh), contiguous for the attention matmuls."""
+        bsz, length, _ = x.shape
+        k, val = self.kv_net(x).view(bsz, length, 2, self.n_head, self.d_head).permute(2, 0, 3, 1, 4).contiguous()
+        return k, val
+
+    def forward(
+        self, h: Tensor, k: Tensor, val: Tensor, pos_emb: Tensor, u: Tensor, v: Tensor, mask_bias: Tensor
+    ) -> Tensor:
+        """h (B, Q, d) queries, the last Q of the K key positions; k, val (B, H, K, Dh); pos_emb (P, d);
         u, v (H, Dh); mask_bias (Q, K) with 0 where allowed and -inf elsewhere. -> (B, Q, d)"""
         bsz, qlen, _ = h.shape
-        klen = context.shape[1]
+        klen = k.shape[2]
         heads, scale = (self.n_head, self.d_head), self.d_head**-0.5
         q = self.q_net(h).view(bsz, qlen, *heads) * scale  # (B, Q, H, Dh)
-        k, val = self.kv_net(context).view(bsz, klen, 2, *heads).permute(2, 0, 3, 1, 4).contiguous()  # (B,H,K,Dh)
         r = self.r_net(pos_emb).view(-1, *heads).permute(1, 2, 0)  # (H, Dh, P)
         # position term for every distance as one matmul per head, then each pair's own distance (a view)
         qv = (q + v * scale).permute(2, 0, 1, 3).reshape(self.n_head, bsz * qlen, self.d_head)  # (H, B*Q, Dh)
@@ -138,12 +145,28 @@ class Block(nn.Module):
         self.norm_ff = nn.LayerNorm(d_model)
 
     def forward(
-        self, h: Tensor, cache: Tensor | None, pos_emb: Tensor, u: Tensor, v: Tensor, mask_bias: Tensor
-    ) -> Tensor:
-        """h (B, Q, d), cache (B, M, d) or None -> (B, Q, d)."""
-        context = h if cache is None else torch.cat([cache.to(h.dtype), h], dim=1)  # (B, K, d)
+        self,
+        h: Tensor,
+        cache: Tensor | None,
+        pos_emb: Tensor,
+        u: Tensor,
+        v: Tensor,
+        mask_bias: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """h (B, Q, d), cache (B, M, d) or None -> (B, Q, d), and the keys and values (B, H, K, Dh) of every
+        position attended to. `past` (decoding): the keys and values of the positions before h, returned by
+        earlier calls; they stand for the cache and the earlier part of the segment."""
+        context = h if cache is None else torch.cat([cache.to(h.dtype), h], dim=1)  # (B, M+Q, d)
         if self.pre_lnorm:
-            h = h + self.attn(self.norm_attn(h), self.norm_attn(context), pos_emb, u, v, mask_bias)
-            return h + self.ff(self.norm_ff(h))
-        h = self.norm_attn(h + self.attn(h, context, pos_emb, u, v, mask_bias))
-        return self.norm_ff(h + self.ff(h))
+            context = self.norm_attn(context)
+        k, val = self.attn.project_kv(context)
+        if past is not None:
+            k, val = torch.cat([past[0], k], dim=2), torch.cat([past[1], val], dim=2)
+        queries = context[:, context.shape[1] - h.shape[1] :]  # the (normalised) h
+        attended = self.attn(queries, k, val, pos_emb, u, v, mask_bias)
+        if self.pre_lnorm:
+            h = h + attended
+            return h + self.ff(self.norm_ff(h)), (k, val)
+        h = self.norm_attn(h + attended)
+        return self.norm_ff(h + self.ff(h)), (k, val)

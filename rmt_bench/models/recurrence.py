@@ -83,29 +83,92 @@ class RecurrentModel(nn.Module):
         """One segment. tokens (B, n) -> hidden states of the tokens (B, n, d), the state for the next one.
 
         write=False leaves out the write block (tokens never see it): the token outputs are the same, and the
-        returned state is of no use. Greedy decoding uses it for its partial segments.
+        returned state is of no use.
         """
-        cfg, (bsz, n) = self.cfg, tokens.shape
-        m = cfg.num_mem_tokens
-        write = write and m > 0 and cfg.recurrent_memory
+        m, n = self.cfg.num_mem_tokens, tokens.shape[1]
+        write = write and self.writes
+        read = self._read_memory(state, tokens.shape[0])
         h = self.backbone.embed_tokens(tokens)  # (B, n, d)
         if m:
-            init = state.memory is None or not cfg.recurrent_memory
-            read = self.memory.expand(bsz, m, -1) if init else state.memory  # (B, m, d)
             h = torch.cat([read.to(h.dtype), h] + ([read.to(h.dtype)] if write else []), dim=1)  # (B, Q, d)
+        mask = self._mask(n, write, state, tokens.device)
+        out, layer_inputs, _ = self.backbone(h, state.cache, mask)  # (B, Q, d)
+        return out[:, m : m + n], self._next_state(out[:, m + n :] if write else None, layer_inputs, state)
+
+    @property
+    def writes(self) -> bool:
+        """Whether segments carry a write block (RMT's recurrent memory)."""
+        return self.cfg.num_mem_tokens > 0 and self.cfg.recurrent_memory
+
+    def _read_memory(self, state: SegmentState, bsz: int) -> Tensor | None:
+        """(B, m, d): the carried memory, or the learned initial memory on the first segment (and always for
+        memtr); None without memory tokens."""
+        if not self.cfg.num_mem_tokens:
+            return None
+        if state.memory is None or not self.cfg.recurrent_memory:
+            return self.memory.expand(bsz, -1, -1)
+        return state.memory
+
+    def _mask(self, n: int, write: bool, state: SegmentState, device: torch.device) -> Tensor:
+        """The segment's attention mask (Q, K) over [cache ; read ; tokens ; write]."""
+        cfg = self.cfg
         cache_len = state.cache[0].shape[1] if state.cache else 0
-        mask = attention_mask(
-            n, m, write, cache_len, cfg.read_mem_from_cache, cfg.mem_len if cfg.same_length else 0, tokens.device
-        )
-        out, layer_inputs = self.backbone(h, state.cache, mask)  # (B, Q, d)
-        new_memory = out[:, m + n :] if write else None  # final-layer write outputs (Sec. 3)
+        window = cfg.mem_len if cfg.same_length else 0
+        return attention_mask(n, cfg.num_mem_tokens, write, cache_len, cfg.read_mem_from_cache, window, device)
+
+    def _next_state(self, written: Tensor | None, layer_inputs: list[Tensor], state: SegmentState) -> SegmentState:
+        """The final-layer write outputs become the next memory (Sec. 3); each layer's inputs over the segment
+        extend its cache, cut to the last mem_len (Transformer-XL), detached."""
         new_cache = None
-        if cfg.mem_len:
+        if self.cfg.mem_len:
             old = state.cache or [x[:, :0] for x in layer_inputs]
             new_cache = [
-                torch.cat([c.to(x.dtype), x], 1)[:, -cfg.mem_len :].detach() for c, x in zip(old, layer_inputs)
+                torch.cat([c.to(x.dtype), x], 1)[:, -self.cfg.mem_len :].detach() for c, x in zip(old, layer_inputs)
             ]
-        return out[:, m : m + n], SegmentState(new_memory, new_cache)
+        return SegmentState(written, new_cache)
+
+    @torch.no_grad()
+    def decode_segment(self, tokens: Tensor, state: SegmentState, answer: Tensor) -> tuple[Tensor, SegmentState]:
+        """One segment decoded greedily with a key/value cache. tokens (B, n) are filled in place: where
+        answer[b, t], the prediction at t becomes the input at t+1. -> token hidden states (B, n, d), next state.
+
+        The prefix up to the first answer position runs as one block, then each position whose input comes
+        from a prediction runs alone as one query against the keys and values of everything before it (per
+        layer), and the rest of the segment as one block; the write block, last, reads the same keys and values
+        (write rows see everything). Each block takes its rows of the segment's mask, so the result is the
+        segment's own forward pass: `segment` on the filled tokens, without re-running it.
+        """
+        m, n = self.cfg.num_mem_tokens, tokens.shape[1]
+        read = self._read_memory(state, tokens.shape[0])
+        mask = self._mask(n, self.writes, state, tokens.device)  # (Q, K) of the whole segment
+        c = mask.shape[1] - mask.shape[0]  # cache length
+        steps = answer[:, :-1].any(0).nonzero().flatten().tolist()  # positions whose prediction is an input
+        # blocks of token positions [lo, hi), each ending at such a position (its prediction fills the next
+        # input) or at the segment's end: the prefix, then one position at a time through the answer, the rest
+        bounds = sorted({0, n, *(t + 1 for t in steps)})
+        hidden, inputs_per_layer, past = [], None, None
+        for lo, hi in zip(bounds, bounds[1:]):
+            h = self.backbone.embed_tokens(tokens[:, lo:hi])  # (B, hi-lo, d)
+            rows = slice(m + lo, m + hi)
+            if lo == 0 and m:  # the read block goes with the first block of tokens
+                h, rows = torch.cat([read.to(h.dtype), h], 1), slice(0, m + hi)
+            out, layer_inputs, past = self.backbone(
+                h, None if past else state.cache, mask[rows, : c + m + hi], past
+            )  # fmt: skip
+            inputs_per_layer = layer_inputs if inputs_per_layer is None else [
+                torch.cat([a, b], 1) for a, b in zip(inputs_per_layer, layer_inputs)
+            ]  # fmt: skip
+            hidden.append(out[:, out.shape[1] - (hi - lo) :])
+            t = hi - 1  # the last position of this block: its prediction may be the next input
+            if t < n - 1 and bool(answer[:, t].any()):
+                pred = self.head.logits(hidden[-1][:, -1]).argmax(-1)
+                tokens[:, t + 1] = torch.where(answer[:, t], pred, tokens[:, t + 1])
+        written = None
+        if self.writes:
+            out, layer_inputs, _ = self.backbone(read.to(hidden[0].dtype), None, mask[m + n :], past)
+            inputs_per_layer = [torch.cat([a, b], 1) for a, b in zip(inputs_per_layer, layer_inputs)]
+            written = out
+        return torch.cat(hidden, 1), self._next_state(written, inputs_per_layer, state)
 
     def forward(self, inputs: Tensor, state: SegmentState | None = None) -> tuple[Tensor, SegmentState]:
         """inputs (B, S, n) -> hidden (B, S, n, d) and the final state; gradients through every segment.
@@ -183,24 +246,21 @@ def generate_greedy(
     """Greedy decoding across segments, carrying the state (the paper's metric, no teacher forcing).
 
     inputs, answer (B, S, n): where answer[b, s, t] is set, the prediction at t becomes the input at t+1
-    (the next segment's first input after a segment's last position). Within a segment the tokens do not see
-    the write memory, so running the segment's prefix filled so far (without the write block) gives causal
-    predictions; the final run, with every input settled, writes the memory and cache for the next segment.
+    (the next segment's first input after a segment's last position). Segments with answers are decoded with a
+    key/value cache (`RecurrentModel.decode_segment`): one query position per generated token.
     -> predictions (B, S, n) and the inputs actually used (B, S, n).
     """
     inputs, answer = inputs.clone(), answer.bool()
-    bsz, n_seg, n = inputs.shape
+    n_seg = inputs.shape[1]
     preds = torch.empty_like(inputs)
     state = state or SegmentState()
     for s in range(n_seg):
-        tokens = inputs[:, s]
+        tokens = inputs[:, s]  # a view: filled in place
         if s > 0:
             tokens[:, 0] = torch.where(answer[:, s - 1, -1], preds[:, s - 1, -1], tokens[:, 0])
-        for t in range(n - 1):
-            if bool(answer[:, s, t].any()):
-                hidden, _ = model.segment(tokens[:, : t + 1], state, write=False)  # the prefix is enough
-                pred_t = model.head.logits(hidden[:, t]).argmax(-1)
-                tokens[:, t + 1] = torch.where(answer[:, s, t], pred_t, tokens[:, t + 1])
-        hidden, state = model.segment(tokens, state)
+        if bool(answer[:, s, :-1].any()):
+            hidden, state = model.decode_segment(tokens, state, answer[:, s])
+        else:
+            hidden, state = model.segment(tokens, state)
         preds[:, s] = model.head.logits(hidden).argmax(-1)
     return preds, inputs

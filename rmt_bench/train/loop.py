@@ -60,13 +60,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainerConfig) -> torch.optim.Op
     return cls(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(cfg: TrainerConfig, step: int) -> float:
-    """Multiplier of the base lr at `step` for warmup and cosine (plateau is applied on top, at evaluations)."""
+def lr_factor(cfg: TrainerConfig, step: int, budget: int) -> float:
+    """Multiplier of the base lr at `step` of a `budget`-step run for warmup and cosine (plateau is applied on
+    top, at evaluations). A function of the step and the fixed budget only, so a resumed run is the same run."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule != "cosine":
         return 1.0
-    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+    progress = min((step - cfg.warmup_steps) / max(budget - cfg.warmup_steps, 1), 1.0)
     floor = cfg.min_lr / cfg.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -85,6 +86,60 @@ class TrainState:
     tokens: int = 0
     train_seconds: float = 0.0
     step_seconds: float = 0.0  # time inside training steps only (tokens/s)
+    # the step budget, fixed once: max_steps, or what `budget_minutes` allows at the measured speed
+    budget_steps: int = 0
+    budget_minutes: float | None = None
+    seconds_per_step: float = 0.0  # measured before step 0 when the budget comes from minutes
+    seconds_per_eval: float = 0.0
+
+
+# before the budget of a `max_minutes` run is fixed: untimed steps, then timed ones (at most this share of it)
+CALIBRATION_WARMUP, CALIBRATION_STEPS, CALIBRATION_SHARE = 2, 10, 0.05
+
+
+def step_budget(seconds: float, seconds_per_step: float, seconds_per_eval: float, eval_every: int) -> int:
+    """How many steps fit in `seconds` when every step costs `seconds_per_step` and every `eval_every` steps
+    a validation costs `seconds_per_eval` (at least one step)."""
+    per_step = seconds_per_step + seconds_per_eval / eval_every
+    return max(int(seconds / per_step), 1)
+
+
+def fix_budget(model, task, cfg: TrainerConfig, st: TrainState, seed: int, device, autocast) -> str:
+    """Set `st.budget_steps` once; returns how it was set. With `max_minutes`, the speed is measured on a copy
+    of the model and optimiser (training steps, then one validation) with the RNG put back afterwards, so the
+    run itself does not depend on the measurement, only on the budget it yields; the budget is checkpointed
+    and a resumed run keeps it."""
+    if cfg.max_minutes is None:
+        st.budget_steps, st.budget_minutes = cfg.max_steps, None
+        return f"step budget: {st.budget_steps} steps (trainer.max_steps)"
+    if st.budget_steps and st.budget_minutes == cfg.max_minutes:
+        return f"step budget: {st.budget_steps} steps, as fixed when the run started"
+    start = time.perf_counter()
+    probe = copy.deepcopy(model)
+    optimizer = make_optimizer(probe, cfg)
+    batches = task.train_batches(cfg.batch_size, seed)
+    carried = (None, [])
+    timed, limit = 0, CALIBRATION_SHARE * cfg.max_minutes * 60
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i in range(CALIBRATION_WARMUP + CALIBRATION_STEPS):
+            if i == CALIBRATION_WARMUP:
+                t0 = time.perf_counter()
+            _, carried = train_step(probe, optimizer, next(batches), cfg, carried, autocast)
+            timed = i + 1 - CALIBRATION_WARMUP
+            if timed >= 2 and time.perf_counter() - start > limit:
+                break
+        st.seconds_per_step = (time.perf_counter() - t0) / timed
+        t0 = time.perf_counter()
+        evaluate(probe, task, "valid", cfg.eval_batch_size, autocast)
+        st.seconds_per_eval = time.perf_counter() - t0
+    left = cfg.max_minutes * 60 - st.train_seconds - (time.perf_counter() - start)
+    fits = step_budget(left, st.seconds_per_step, st.seconds_per_eval, cfg.eval_every)
+    st.budget_steps, st.budget_minutes = min(st.step + fits, cfg.max_steps), cfg.max_minutes
+    return (
+        f"step budget: {st.budget_steps} steps fit trainer.max_minutes={cfg.max_minutes:g} "
+        f"({st.seconds_per_step:.3f} s/step, {st.seconds_per_eval:.1f} s per validation); the run is now fixed "
+        f"by its step count: trainer.max_steps={st.budget_steps} trainer.max_minutes=null repeats it"
+    )
 
 
 @torch.no_grad()
@@ -120,6 +175,20 @@ def evaluate_answers(model: RecurrentModel, task, split: str, batch_size: int, a
         tokens += mask.sum().item()
         examples += mask.shape[0]
     return {"loss": nll / tokens, "acc": correct / tokens, "acc_tf": correct_tf / tokens, "exact": exact / examples}
+
+
+@contextlib.contextmanager
+def memory_reset(model: RecurrentModel):
+    """The control for recurrent memory: every segment reads the learned initial memory, nothing is carried
+    from segment to segment (the write block, which the tokens never see, is left out). A model that stores
+    the answer in its memory falls back to chance under it."""
+    saved = model.cfg
+    model.cfg = copy.copy(saved)
+    model.cfg.recurrent_memory = False
+    try:
+        yield
+    finally:
+        model.cfg = saved
 
 
 @contextlib.contextmanager
@@ -164,6 +233,22 @@ def plateau_step(st: TrainState, cfg: TrainerConfig, val_loss: float) -> None:
         st.plateau_bad = 0
 
 
+def train_step(model: RecurrentModel, optimizer, batch, cfg: TrainerConfig, carried: tuple, autocast):
+    """One optimiser step over a batch's segments. `carried` = (state, BPTT history) handed from batch to batch
+    on streams (None, [] on the algorithmic tasks). -> (loss, carried)."""
+    optimizer.zero_grad(set_to_none=True)
+    weights = batch.loss_mask.float()
+    state, history = carried
+    loss, state, history = train_segments(
+        model, batch.inputs, batch.targets, weights, weights.sum().item(), model.cfg.bptt_depth, state, history,
+        autocast,
+    )  # fmt: skip
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss, (state, history)
+
+
 def fit(
     model: RecurrentModel,
     task: AlgorithmicTask,
@@ -174,7 +259,8 @@ def fit(
     checkpoint_path=None,
     resume: bool = False,
 ) -> dict:
-    """Train, validating every `eval_every` steps; test the best-validation weights. Returns the summary."""
+    """Train for a fixed step budget, validating every `eval_every` steps; test the best-validation weights
+    (and, with `cfg.memory_reset_control`, test them again with the memory reset at every segment)."""
     # --- setup
     autocast = autocast_factory(device, use_bf16(cfg.precision, device))
     model.to(device).train()
@@ -185,32 +271,27 @@ def fit(
             raise ConfigError("resume", f"no checkpoint at {checkpoint_path}; pass hydra.run.dir=<the run to resume>")
         st, best_weights = load_checkpoint(checkpoint_path, model, optimizer, st)
         logger.info(f"resumed from {checkpoint_path} at step {st.step}")
+    t_start = time.perf_counter() - st.train_seconds
+    logger.info(fix_budget(model, task, cfg, st, seed, device, autocast))
+    logger.update_config({"trainer": {"max_steps": st.budget_steps}})
+    budget = st.budget_steps
     batches = task.train_batches(cfg.batch_size, seed, start_step=st.step)
-    bptt_depth = model.cfg.bptt_depth
     # streams (LM) carry memory/cache and the BPTT history from batch to batch, reset at each epoch
     per_epoch = task.steps_per_epoch(cfg.batch_size) if task.stream else 1
-    state, history = None, []
-    logger.start_progress(cfg.max_steps, initial=st.step)
+    carried = (None, [])
+    logger.start_progress(budget, initial=st.step)
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    t_start = time.perf_counter() - st.train_seconds
-    stop_reason = "max_steps"
+    stop_reason = "max_minutes" if st.budget_minutes is not None else "max_steps"
 
     # --- train
-    while st.step < cfg.max_steps:
+    while st.step < budget:
         step_start = time.perf_counter()
         batch = next(batches)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, st.step) * st.plateau_scale
-        optimizer.zero_grad(set_to_none=True)
-        weights = batch.loss_mask.float()
+            group["lr"] = cfg.lr * lr_factor(cfg, st.step, budget) * st.plateau_scale
         if st.step % per_epoch == 0:
-            state, history = None, []
-        loss, state, history = train_segments(
-            model, batch.inputs, batch.targets, weights, weights.sum().item(), bptt_depth, state, history, autocast
-        )
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+            carried = (None, [])
+        loss, carried = train_step(model, optimizer, batch, cfg, carried, autocast)
         st.step_seconds += time.perf_counter() - step_start
         st.step += 1
         window_loss += loss
@@ -219,16 +300,14 @@ def fit(
         st.tokens += batch.inputs.numel()
         logger.advance(loss)
 
-        if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
+        if st.step % cfg.log_every == 0 or st.step == budget:
             elapsed = time.perf_counter() - window_start
             lr = optimizer.param_groups[0]["lr"]
             logger.log({"train/loss": window_loss / window_steps, "train/lr": lr,
                         "train/tokens_per_s": window_tokens / elapsed}, st.step)  # fmt: skip
             window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
 
-        minutes = (time.perf_counter() - t_start) / 60
-        out_of_time = cfg.max_minutes is not None and minutes >= cfg.max_minutes
-        if st.step % cfg.eval_every == 0 or st.step == cfg.max_steps or out_of_time:
+        if st.step % cfg.eval_every == 0 or st.step == budget:
             val = evaluate(model, task, "valid", cfg.eval_batch_size, autocast)
             if score(val) > st.best_score:
                 st.best_score, st.best_step, st.best_val = score(val), st.step, val
@@ -242,18 +321,20 @@ def fit(
             if cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc:
                 stop_reason = "early_stop_acc"
                 break
-        if out_of_time:
-            stop_reason = "max_minutes"
-            break
     logger.close_progress()
     train_seconds = time.perf_counter() - t_start
 
     # --- test with the best validation weights
     model.load_state_dict(best_weights)
-    test = evaluate(model, task, "test", cfg.eval_batch_size, autocast)
-    logger.log({f"test/{k}": v for k, v in test.items()}, st.step)
-    return {f"test/{k}": v for k, v in test.items()} | {f"val/best_{k}": v for k, v in st.best_val.items()} | {
-        "best_step": st.best_step, "steps": st.step, "stop_reason": stop_reason,
-        "train_minutes": train_seconds / 60, "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9),
-        "peak_memory_mb": peak_memory_mb(device), "params": sum(p.numel() for p in model.parameters()),
+    metrics = {f"test/{k}": v for k, v in evaluate(model, task, "test", cfg.eval_batch_size, autocast).items()}
+    if cfg.memory_reset_control and model.cfg.num_mem_tokens and model.cfg.recurrent_memory:
+        with memory_reset(model):
+            reset = evaluate(model, task, "test", cfg.eval_batch_size, autocast)
+        metrics |= {f"test_memory_reset/{k}": v for k, v in reset.items()}
+    logger.log(metrics, st.step)
+    return metrics | {f"val/best_{k}": v for k, v in st.best_val.items()} | {
+        "best_step": st.best_step, "steps": st.step, "stop_reason": stop_reason, "budget_steps": budget,
+        "seconds_per_step_measured": st.seconds_per_step, "train_minutes": train_seconds / 60,
+        "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9), "peak_memory_mb": peak_memory_mb(device),
+        "params": sum(p.numel() for p in model.parameters()),
     }  # fmt: skip
