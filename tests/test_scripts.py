@@ -119,7 +119,7 @@ def test_bench_runs_reports_each_run_from_its_summary(tmp_path):
     bench = [sys.executable, str(ROOT / "scripts" / "bench.py")]
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     tiny = ["backbone=tiny", "trainer.max_steps=4", "trainer.eval_every=2", "task.train_size=32",
-            "task.valid_size=8", "task.test_size=8", "mem=2"]  # fmt: skip
+            "task.valid_size=8", "task.test_size=8", "mem=2", "logger=none"]  # fmt: skip
     res = subprocess.run(
         [*bench, "runs", "--seeds", "0", "1", "--models", "vanilla", "rmt", "--out", str(tmp_path), "--", *tiny],
         capture_output=True,

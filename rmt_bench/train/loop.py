@@ -326,6 +326,7 @@ def fit(
 
     # --- test with the best validation weights
     model.load_state_dict(best_weights)
+    test_start = time.perf_counter()
     metrics = {f"test/{k}": v for k, v in evaluate(model, task, "test", cfg.eval_batch_size, autocast).items()}
     if cfg.memory_reset_control and model.cfg.num_mem_tokens and model.cfg.recurrent_memory:
         with memory_reset(model):
@@ -335,6 +336,7 @@ def fit(
     return metrics | {f"val/best_{k}": v for k, v in st.best_val.items()} | {
         "best_step": st.best_step, "steps": st.step, "stop_reason": stop_reason, "budget_steps": budget,
         "seconds_per_step_measured": st.seconds_per_step, "train_minutes": train_seconds / 60,
+        "test_minutes": (time.perf_counter() - test_start) / 60,
         "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9), "peak_memory_mb": peak_memory_mb(device),
         "params": sum(p.numel() for p in model.parameters()),
     }  # fmt: skip
