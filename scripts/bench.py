@@ -4,6 +4,7 @@
     python scripts/bench.py eval-scaling --segments 4 16 64 256
     python scripts/bench.py matmul          # is bf16 faster than fp32 on this CPU?
     python scripts/bench.py runs --seeds 0 1 2 -- task=reverse model=rmt mem=6   # whole runs, wall clock
+    python scripts/bench.py eval --task copy  # the test evaluation (greedy decoding) of an rmt model
 
 Numbers go to docs/PERFORMANCE.md together with the command that produced them. Run on an idle machine.
 """
@@ -89,6 +90,28 @@ def bench_eval_scaling(args) -> None:
         print(f"| {n_seg} | {x.numel():,} | {dt:.2f} | {dt / x.numel() * 1e6:.1f} | {rss:.0f} |")
 
 
+@torch.no_grad()
+def bench_eval(args) -> None:
+    """The 10,000-example test evaluation (teacher-forced pass and greedy decoding across segments) of a
+    paper-sized rmt model, timed. Only public functions are used, so the same script times an older checkout
+    (PYTHONPATH=<checkout>) on the same examples and weights: the accuracies printed must agree."""
+    from rmt_bench.train.loop import evaluate
+
+    segments, mem = {"reverse": (4, 6), "copy": (3, 24)}[args.task]
+    task = build_task(TaskConfig(name=args.task, segments=segments, train_size=1, valid_size=1, test_size=args.size))
+    torch.manual_seed(0)
+    model = build_model(model_config("rmt", mem, **SIZES["reverse"]), task.vocab_size).eval()
+    threads = torch.get_num_threads()
+    print(f"{args.task}-24 in {segments} segments, rmt mem={mem}, {args.size:,} examples, threads={threads}")
+    print("| eval batch | seconds | acc (greedy) | acc_tf | exact |")
+    print("|---|---|---|---|---|")
+    for batch_size in args.batch_size:
+        start = time.perf_counter()
+        out = evaluate(model, task, "test", batch_size, contextlib.nullcontext)
+        dt = time.perf_counter() - start
+        print(f"| {batch_size} | {dt:.1f} | {out['acc']:.4f} | {out['acc_tf']:.4f} | {out['exact']:.4f} |")
+
+
 def bench_matmul(args) -> None:
     """fp32 vs bf16 matmul throughput at the model's shapes and at a large square size."""
     print("| dtype | shape | GFLOP/s |")
@@ -164,13 +187,23 @@ def main() -> None:
     e.add_argument("--mem", type=int, default=6)
     e.add_argument("--batch-size", type=int, default=32)
     sub.add_parser("matmul")
+    v = sub.add_parser("eval", help="time the test evaluation (greedy decoding) of a paper-sized rmt model")
+    v.add_argument("--task", choices=["reverse", "copy"], default="reverse")
+    v.add_argument("--size", type=int, default=10_000)
+    v.add_argument("--batch-size", type=int, nargs="+", default=[1000])
     r = sub.add_parser("runs", help="whole rmt-bench runs per seed (and model), timed by the wall clock")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--models", nargs="+", default=None, help="one run per model and seed (default: as configured)")
     r.add_argument("--out", default=None, help="where the run dirs go (default: a new temporary directory)")
     r.add_argument("overrides", nargs="*", help="rmt-bench overrides, after --")
     args = parser.parse_args()
-    commands = {"train": bench_train, "eval-scaling": bench_eval_scaling, "matmul": bench_matmul, "runs": bench_runs}
+    commands = {
+        "train": bench_train,
+        "eval-scaling": bench_eval_scaling,
+        "matmul": bench_matmul,
+        "runs": bench_runs,
+        "eval": bench_eval,
+    }
     with contextlib.suppress(KeyboardInterrupt):
         commands[args.cmd](args)
 

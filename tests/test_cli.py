@@ -92,6 +92,13 @@ def test_arch_sets_the_backbone_style(args, arch, pre_lnorm, init_std):
     assert (cfg.arch, cfg.pre_lnorm) == (arch, pre_lnorm) and abs(cfg.init_std - init_std) < 1e-6
 
 
+def test_cpu_presets_drop_dropout_and_stop_early_while_the_paper_keeps_both():
+    cpu, paper = (to_run_config(compose_cfg([f"trainer={t}"])) for t in ("default", "paper"))
+    assert (cpu.model.dropout, cpu.trainer.grad_clip, cpu.trainer.early_stop_acc) == (0.0, 1.0, 0.998)
+    assert (paper.model.dropout, paper.trainer.grad_clip, paper.trainer.early_stop_acc) == (0.1, 0.25, None)
+    assert cpu.trainer.max_minutes == 8 and paper.trainer.max_minutes is None
+
+
 def test_arch_builds_the_modules_it_names():
     """trainable: pre-LN blocks with a final norm and weights of std sqrt(2 / (5 d_model)); paper: post-LN, 0.02."""
     from torch import nn

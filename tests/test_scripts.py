@@ -112,6 +112,16 @@ def test_bench_script_prints_its_tables():
     )
     assert scaling.returncode == 0, scaling.stderr
     assert len([x for x in scaling.stdout.splitlines() if x.startswith("| 1 ") or x.startswith("| 3 ")]) == 2
+    evaluation = subprocess.run(
+        [*bench, "eval", "--task", "copy", "--size", "6", "--batch-size", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "copy-24 in 3 segments, rmt mem=24, 6 examples" in evaluation.stdout
+    assert len([x for x in evaluation.stdout.splitlines() if x.startswith("| 4 |")]) == 1
 
 
 def test_bench_runs_reports_each_run_from_its_summary(tmp_path):

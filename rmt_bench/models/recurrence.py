@@ -146,18 +146,16 @@ class RecurrentModel(nn.Module):
         # blocks of token positions [lo, hi), each ending at such a position (its prediction fills the next
         # input) or at the segment's end: the prefix, then one position at a time through the answer, the rest
         bounds = sorted({0, n, *(t + 1 for t in steps)})
-        hidden, inputs_per_layer, past = [], None, None
+        hidden, past = [], None
+        layer_inputs = [[] for _ in self.backbone.layers]  # per layer, the input blocks (the XL cache's source)
         for lo, hi in zip(bounds, bounds[1:]):
             h = self.backbone.embed_tokens(tokens[:, lo:hi])  # (B, hi-lo, d)
             rows = slice(m + lo, m + hi)
             if lo == 0 and m:  # the read block goes with the first block of tokens
                 h, rows = torch.cat([read.to(h.dtype), h], 1), slice(0, m + hi)
-            out, layer_inputs, past = self.backbone(
-                h, None if past else state.cache, mask[rows, : c + m + hi], past
-            )  # fmt: skip
-            inputs_per_layer = layer_inputs if inputs_per_layer is None else [
-                torch.cat([a, b], 1) for a, b in zip(inputs_per_layer, layer_inputs)
-            ]  # fmt: skip
+            out, inputs, past = self.backbone(h, None if past else state.cache, mask[rows, : c + m + hi], past)
+            for blocks, x in zip(layer_inputs, inputs):
+                blocks.append(x)
             hidden.append(out[:, out.shape[1] - (hi - lo) :])
             t = hi - 1  # the last position of this block: its prediction may be the next input
             if t < n - 1 and bool(answer[:, t].any()):
@@ -165,10 +163,11 @@ class RecurrentModel(nn.Module):
                 tokens[:, t + 1] = torch.where(answer[:, t], pred, tokens[:, t + 1])
         written = None
         if self.writes:
-            out, layer_inputs, _ = self.backbone(read.to(hidden[0].dtype), None, mask[m + n :], past)
-            inputs_per_layer = [torch.cat([a, b], 1) for a, b in zip(inputs_per_layer, layer_inputs)]
-            written = out
-        return torch.cat(hidden, 1), self._next_state(written, inputs_per_layer, state)
+            written, inputs, _ = self.backbone(read.to(hidden[0].dtype), None, mask[m + n :], past)
+            for blocks, x in zip(layer_inputs, inputs):
+                blocks.append(x)
+        cache_source = [torch.cat(blocks, 1) for blocks in layer_inputs] if self.cfg.mem_len else []
+        return torch.cat(hidden, 1), self._next_state(written, cache_source, state)
 
     def forward(self, inputs: Tensor, state: SegmentState | None = None) -> tuple[Tensor, SegmentState]:
         """inputs (B, S, n) -> hidden (B, S, n, d) and the final state; gradients through every segment.

@@ -104,14 +104,14 @@ def step_budget(seconds: float, seconds_per_step: float, seconds_per_eval: float
     return max(int(seconds / per_step), 1)
 
 
-def fix_budget(model, task, cfg: TrainerConfig, st: TrainState, seed: int, device, autocast) -> str:
-    """Set `st.budget_steps` once; returns how it was set. With `max_minutes`, the speed is measured on a copy
-    of the model and optimiser (training steps, then one validation) with the RNG put back afterwards, so the
-    run itself does not depend on the measurement, only on the budget it yields; the budget is checkpointed
-    and a resumed run keeps it."""
+def fix_budget(model, task, cfg: TrainerConfig, st: TrainState, seed: int, device, autocast) -> str | None:
+    """Set `st.budget_steps` once; returns a line for the log when it came from `max_minutes`. Then the speed
+    is measured on a copy of the model and optimiser (training steps, then one validation) with the RNG put
+    back afterwards, so the run does not depend on the measurement, only on the budget it yields; the budget
+    is checkpointed and a resumed run keeps it."""
     if cfg.max_minutes is None:
         st.budget_steps, st.budget_minutes = cfg.max_steps, None
-        return f"step budget: {st.budget_steps} steps (trainer.max_steps)"
+        return None
     if st.budget_steps and st.budget_minutes == cfg.max_minutes:
         return f"step budget: {st.budget_steps} steps, as fixed when the run started"
     start = time.perf_counter()
@@ -272,7 +272,8 @@ def fit(
         st, best_weights = load_checkpoint(checkpoint_path, model, optimizer, st)
         logger.info(f"resumed from {checkpoint_path} at step {st.step}")
     t_start = time.perf_counter() - st.train_seconds
-    logger.info(fix_budget(model, task, cfg, st, seed, device, autocast))
+    if how := fix_budget(model, task, cfg, st, seed, device, autocast):
+        logger.info(how)
     logger.update_config({"trainer": {"max_steps": st.budget_steps}})
     budget = st.budget_steps
     batches = task.train_batches(cfg.batch_size, seed, start_step=st.step)
