@@ -282,7 +282,7 @@ def fit(
     carried = (None, [])
     logger.start_progress(budget, initial=st.step)
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    stop_reason = "max_minutes" if st.budget_minutes is not None else "max_steps"
+    stop_reason = "max_minutes" if st.budget_minutes is not None and budget < cfg.max_steps else "max_steps"
 
     # --- train
     while st.step < budget:
