@@ -67,6 +67,30 @@ def test_memory_reset_brings_the_trained_model_back_to_chance(tiny_reverse_run):
     assert tiny_reverse_run["test/acc"] - tiny_reverse_run["test_memory_reset/acc"] >= 2 * CHANCE
 
 
+@pytest.mark.parametrize("name", ["vanilla", "xl", "rmt", "rmt_xl"])
+def test_evaluation_equals_a_full_teacher_forced_pass_and_full_greedy_decoding(name):
+    """evaluate() runs the answer-free leading segments once for both metrics; the numbers are those of a full
+    teacher-forced pass and greedy decoding from the first segment (reverse-6 in 3 segments: answers from 2)."""
+    from rmt_bench.models import generate_greedy
+
+    task = build_task(tiny_task("reverse", length=6, segments=3, valid_size=40))
+    torch.manual_seed(0)
+    model = build_model(tiny_model(name, init_std=0.3), task.vocab_size).eval()  # outputs that follow the context
+    got = evaluate(model, task, "valid", 16, contextlib.nullcontext)
+    batch = task.splits["valid"]
+    mask = batch.loss_mask
+    assert not mask[:, 0].any() and mask[:, 1].any()  # the case the shortcut is for
+    with torch.no_grad():
+        hidden, _ = model(batch.inputs)
+        logits = model.head.logits(hidden[mask])
+        preds, _ = generate_greedy(model, batch.inputs, mask)
+    hit = (preds == batch.targets) | ~mask
+    assert abs(got["loss"] - torch.nn.functional.cross_entropy(logits, batch.targets[mask]).item()) < 1e-5
+    assert got["acc_tf"] == (logits.argmax(-1) == batch.targets[mask]).sum().item() / mask.sum().item()
+    assert got["acc"] == (hit & mask).sum().item() / mask.sum().item()
+    assert got["exact"] == hit.flatten(1).all(1).sum().item() / mask.shape[0]
+
+
 def test_evaluate_uniform_model_is_at_chance():
     task = build_task(tiny_task("reverse", num_symbols=10, valid_size=50))
     model = build_model(tiny_model("vanilla"), task.vocab_size)

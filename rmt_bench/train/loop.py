@@ -163,10 +163,16 @@ def evaluate_answers(model: RecurrentModel, task, split: str, batch_size: int, a
     nll = correct = correct_tf = tokens = exact = examples = 0.0
     for batch in task.eval_batches(split, batch_size):
         mask = batch.loss_mask
+        # segments before the first answer are the same teacher-forced and greedy: run them once, and start
+        # greedy decoding from their state (the answer-free segments' predictions are never scored)
+        answered = mask.flatten(2).any(2).any(0).nonzero()
+        first = int(answered[0]) if len(answered) else 0
         with autocast():
-            hidden, _ = model(batch.inputs)
-            logits = model.head.logits(hidden[mask]).float()
-            preds, _ = generate_greedy(model, batch.inputs, mask)
+            _, state = model(batch.inputs[:, :first]) if first else (None, None)
+            rest, _ = model(batch.inputs[:, first:], state)
+            preds, _ = generate_greedy(model, batch.inputs[:, first:], mask[:, first:], state)
+            logits = model.head.logits(rest[mask[:, first:]]).float()
+        preds = torch.cat([batch.targets[:, :first], preds], 1)  # (B, S, n)
         nll += torch.nn.functional.cross_entropy(logits, batch.targets[mask], reduction="sum").item()
         correct_tf += (logits.argmax(-1) == batch.targets[mask]).sum().item()
         hit = (preds == batch.targets) | ~mask
