@@ -163,12 +163,12 @@ def evaluate_answers(model: RecurrentModel, task, split: str, batch_size: int, a
     nll = correct = correct_tf = tokens = exact = examples = 0.0
     for batch in task.eval_batches(split, batch_size):
         mask = batch.loss_mask
-        # segments before the first answer are the same teacher-forced and greedy: run them once, and start
-        # greedy decoding from their state (the answer-free segments' predictions are never scored)
+        # segments before the first answer are the same teacher-forced and greedy, and never scored: run them
+        # once, for the state they hand on (models that carry nothing skip them)
         answered = mask.flatten(2).any(2).any(0).nonzero()
         first = int(answered[0]) if len(answered) else 0
         with autocast():
-            _, state = model(batch.inputs[:, :first]) if first else (None, None)
+            _, state = model(batch.inputs[:, :first]) if first and model.cfg.carries_state else (None, None)
             rest, _ = model(batch.inputs[:, first:], state)
             preds, _ = generate_greedy(model, batch.inputs[:, first:], mask[:, first:], state)
             logits = model.head.logits(rest[mask[:, first:]]).float()
