@@ -46,7 +46,7 @@ def test_relative_attention_equals_per_pair_computation():
     emb = SinusoidalDistances(d)
     pos_emb = emb(relative_distances(q, k, -1))
     mask = torch.zeros(q, k)  # no mask at all: queries also attend ahead (negative distances)
-    out = attn(x, *attn.project_kv(ctx), pos_emb, u, v, mask)
+    out = attn(*attn.project(x, cache, u), pos_emb, u, v, mask)
 
     qv = attn.q_net(x).view(q, h, dh)
     kk, vv = attn.kv_net(ctx).view(k, 2, h, dh).unbind(1)
@@ -59,6 +59,25 @@ def test_relative_attention_equals_per_pair_computation():
                 scores[i, j] = (qv[i, head] + u[head]) @ kk[j, head] + (qv[i, head] + v[head]) @ r
         naive[:, head] = torch.softmax(scores / dh**0.5, -1) @ vv[:, head]
     assert_close(out[0], attn.o_net(naive.reshape(q, h * dh)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mem_len=3), dict(pre_lnorm=True)], ids=["rmt", "rmt_xl", "pre_ln"])
+def test_dropping_the_last_write_block_changes_no_loss_or_gradient(kw):
+    """final_state=False (nothing carried to the next batch) leaves out the last segment's write block: the loss
+    and every gradient equal the full pass's; the write block really is gone (its memory is not returned)."""
+    name = "rmt_xl" if "mem_len" in kw else "rmt"
+    model = build_model(tiny_model(name, **kw), VOCAB)
+    x = tokens(s=3)
+    w = torch.rand(x.shape)
+    results = []
+    for final_state in (True, False):
+        model.zero_grad()
+        loss, state, _ = train_segments(model, x, x, w, w.sum().item(), -1, final_state=final_state)
+        results.append((loss, {k: p.grad.clone() for k, p in model.named_parameters()}, state))
+    (full, grads, state), (lean, lean_grads, lean_state) = results
+    assert lean == pytest.approx(full, rel=1e-6) and state.memory is not None and lean_state.memory is None
+    for k in grads:
+        assert_close(lean_grads[k], grads[k], atol=1e-6, rtol=1e-5)
 
 
 def test_attention_mask_follows_the_paper():

@@ -76,7 +76,12 @@ def gather_relative(scores: Tensor, key_len: int) -> Tensor:
 
 
 class RelMultiHeadAttention(nn.Module):
-    """score(i, j) = (q_i + u) . k_j + (q_i + v) . W_r r_{i-j}; u, v shared by all layers (passed in)."""
+    """score(i, j) = (q_i + u) . k_j + (q_i + v) . W_r r_{i-j}; u, v shared by all layers (passed in).
+
+    Head-major layout throughout, (H, B, L, Dh): one copy puts the stacked projection's queries, keys and
+    values there, every product is then one batched matmul over H*B without further copies, and the content
+    term is added to the position term inside the matmul (baddbmm).
+    """
 
     def __init__(self, d_model: int, n_head: int, d_head: int, dropout: float, dropatt: float):
         super().__init__()
@@ -87,32 +92,47 @@ class RelMultiHeadAttention(nn.Module):
         self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
         self.drop = Dropout(dropout)
 
-    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, L, d) -> keys and values (B, H, L, Dh), contiguous for the attention matmuls."""
-        bsz, length, _ = x.shape
-        k, val = self.kv_net(x).view(bsz, length, 2, self.n_head, self.d_head).permute(2, 0, 3, 1, 4).contiguous()
-        return k, val
+    def project(self, x: Tensor, keys_only: Tensor | None, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, Q, d) the query rows (also keys), keys_only (B, M, d) or None: rows before them that are only
+        keys (the Transformer-XL cache). -> (q + u) / sqrt(Dh) (H, B, Q, Dh), keys and values (H, B, M+Q, Dh).
+
+        One matmul gives the query rows' queries, keys and values (q_net and kv_net stacked, the scale and u
+        folded into the weight and bias: score(i, j) needs only q + u and q + v, both scaled)."""
+        bsz, qlen, _ = x.shape
+        heads, scale = (self.n_head, self.d_head), self.d_head**-0.5
+        weight = torch.cat([self.q_net.weight * scale, self.kv_net.weight])  # (3 H Dh, d)
+        bias = torch.cat([u.reshape(-1) * scale, u.new_zeros(2 * u.numel())])
+        qkv = F.linear(x, weight.to(x.dtype), bias.to(x.dtype)).view(bsz, qlen, 3, *heads).permute(2, 3, 0, 1, 4)
+        if keys_only is None:
+            q, k, val = qkv.contiguous()  # (3, H, B, Q, Dh): the one copy
+            return q, k, val
+        old = self.kv_net(keys_only.to(x.dtype)).view(bsz, -1, 2, *heads).permute(2, 3, 0, 1, 4)  # (2, H, B, M, Dh)
+        k, val = torch.cat([old, qkv[1:]], dim=3)  # (2, H, B, M+Q, Dh), contiguous
+        return qkv[0].contiguous(), k, val
 
     def forward(
-        self, h: Tensor, k: Tensor, val: Tensor, pos_emb: Tensor, u: Tensor, v: Tensor, mask_bias: Tensor
+        self, qu: Tensor, k: Tensor, val: Tensor, pos_emb: Tensor, u: Tensor, v: Tensor, mask_bias: Tensor
     ) -> Tensor:
-        """h (B, Q, d) queries, the last Q of the K key positions; k, val (B, H, K, Dh); pos_emb (P, d);
-        u, v (H, Dh); mask_bias (Q, K) with 0 where allowed and -inf elsewhere. -> (B, Q, d)"""
-        bsz, qlen, _ = h.shape
+        """qu (H, B, Q, Dh): (q + u) / sqrt(Dh) of the last Q of the K key positions (`project`); k, val
+        (H, B, K, Dh); pos_emb (P, d); u, v (H, Dh); mask_bias (Q, K), 0 where allowed, -inf elsewhere.
+        -> (B, Q, d)"""
+        n_head, bsz, qlen, d_head = qu.shape
         klen = k.shape[2]
-        heads, scale = (self.n_head, self.d_head), self.d_head**-0.5
-        q = self.q_net(h).view(bsz, qlen, *heads) * scale  # (B, Q, H, Dh)
-        r = self.r_net(pos_emb).view(-1, *heads).permute(1, 2, 0)  # (H, Dh, P)
-        # position term for every distance as one matmul per head, then each pair's own distance (a view)
-        qv = (q + v * scale).permute(2, 0, 1, 3).reshape(self.n_head, bsz * qlen, self.d_head)  # (H, B*Q, Dh)
-        bd = torch.bmm(qv, r.contiguous().to(qv.dtype)).view(self.n_head, bsz, qlen, -1)  # (H, B, Q, P)
-        bias = gather_relative(bd, klen).transpose(0, 1) + mask_bias.to(bd.dtype)  # (B, H, Q, K)
-        qu = (q + u * scale).transpose(1, 2).contiguous()  # (B, H, Q, Dh)
-        scores = torch.matmul(qu, k.transpose(-1, -2).to(qu.dtype)) + bias  # (B, H, Q, K), already scaled
-        prob = torch.softmax(scores.float(), dim=-1).to(val.dtype)
+        r = self.r_net(pos_emb).view(-1, n_head, d_head).permute(1, 2, 0).to(qu.dtype)  # (H, Dh, P)
+        qv = qu + ((v - u) * d_head**-0.5).to(qu.dtype)[:, None, None, :]  # (q + v) / sqrt(Dh), (H, B, Q, Dh)
+        # position term for every distance, one matmul per head over B*Q rows; then each pair's own distance
+        bd = torch.bmm(qv.view(n_head, bsz * qlen, d_head), r).view(n_head, bsz, qlen, -1)  # (H, B, Q, P)
+        bias = gather_relative(bd, klen) + mask_bias.to(bd.dtype)  # (H, B, Q, K)
+        batch = n_head * bsz
+        scores = torch.baddbmm(
+            bias.view(batch, qlen, klen), qu.view(batch, qlen, d_head), k.view(batch, klen, d_head).transpose(1, 2)
+        )  # (H*B, Q, K), already scaled
+        # fp32 softmax (in bf16 autocast too): torch's bf16 CPU softmax is 3x slower on rows of 24 keys
+        prob = torch.softmax(scores, dim=-1, dtype=torch.float32).to(val.dtype)
         if self.training and self.dropatt > 0:
             prob = F.dropout(prob, self.dropatt)
-        out = torch.matmul(prob, val).transpose(1, 2).reshape(bsz, qlen, -1)  # (B, Q, H*Dh)
+        out = torch.bmm(prob, val.view(batch, klen, d_head)).view(n_head, bsz, qlen, d_head)
+        out = out.permute(1, 2, 0, 3).reshape(bsz, qlen, n_head * d_head)  # (B, Q, H*Dh)
         return self.drop(self.o_net(out))
 
 
@@ -154,17 +174,15 @@ class Block(nn.Module):
         mask_bias: Tensor,
         past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """h (B, Q, d), cache (B, M, d) or None -> (B, Q, d), and the keys and values (B, H, K, Dh) of every
+        """h (B, Q, d), cache (B, M, d) or None -> (B, Q, d), and the keys and values (H, B, K, Dh) of every
         position attended to. `past` (decoding): the keys and values of the positions before h, returned by
         earlier calls; they stand for the cache and the earlier part of the segment."""
-        context = h if cache is None else torch.cat([cache.to(h.dtype), h], dim=1)  # (B, M+Q, d)
-        if self.pre_lnorm:
-            context = self.norm_attn(context)
-        k, val = self.attn.project_kv(context)
+        x = self.norm_attn(h) if self.pre_lnorm else h  # the query rows, (normalised) h
+        keys_only = None if cache is None else self.norm_attn(cache) if self.pre_lnorm else cache
+        q, k, val = self.attn.project(x, keys_only, u)
         if past is not None:
             k, val = torch.cat([past[0], k], dim=2), torch.cat([past[1], val], dim=2)
-        queries = context[:, context.shape[1] - h.shape[1] :]  # the (normalised) h
-        attended = self.attn(queries, k, val, pos_emb, u, v, mask_bias)
+        attended = self.attn(q, k, val, pos_emb, u, v, mask_bias)
         if self.pre_lnorm:
             h = h + attended
             return h + self.ff(self.norm_ff(h)), (k, val)
