@@ -169,10 +169,14 @@ class RecurrentModel(nn.Module):
         cache_source = [torch.cat(blocks, 1) for blocks in layer_inputs] if self.cfg.mem_len else []
         return torch.cat(hidden, 1), self._next_state(written, cache_source, state)
 
-    def forward(self, inputs: Tensor, state: SegmentState | None = None) -> tuple[Tensor, SegmentState]:
+    def forward(
+        self, inputs: Tensor, state: SegmentState | None = None, final_state: bool = True
+    ) -> tuple[Tensor, SegmentState]:
         """inputs (B, S, n) -> hidden (B, S, n, d) and the final state; gradients through every segment.
 
         Models that carry nothing between segments (vanilla, memtr) run all segments as one batch.
+        final_state=False: the caller discards the final state, so the last segment runs without its write
+        block (its tokens never see it: the hidden states are the same) and the state returned is of no use.
         """
         bsz, n_seg, n = inputs.shape
         state = state or SegmentState()
@@ -181,7 +185,7 @@ class RecurrentModel(nn.Module):
             return hidden.view(bsz, n_seg, n, -1), state
         outs = []
         for s in range(n_seg):
-            hidden, state = self.segment(inputs[:, s], state)
+            hidden, state = self.segment(inputs[:, s], state, write=final_state or s < n_seg - 1)
             outs.append(hidden)
         return torch.stack(outs, dim=1), state
 
@@ -196,6 +200,7 @@ def train_segments(
     state: SegmentState | None = None,
     history: list[tuple[Tensor, SegmentState]] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    final_state: bool = True,
 ) -> tuple[float, SegmentState, list[tuple[Tensor, SegmentState]]]:
     """Teacher-forced forward and backward over one batch's segments; returns (loss, state, history).
 
@@ -204,13 +209,15 @@ def train_segments(
     segments s-1 ... s-k exactly: those are recomputed from the state saved before s-k (from `history` when
     it reaches into earlier batches), never from the latest memory. -1 is one graph over the batch's
     segments (full BPTT over an example); a state carried in from an earlier batch is then detached.
+    final_state=False (batches of fresh examples: nothing is carried to the next batch) spares the last
+    segment's write block in one-graph training.
     """
     state, history = state or SegmentState(), list(history or [])
     n_seg = inputs.shape[1]
     recurrent = model.cfg.num_mem_tokens > 0 and model.cfg.recurrent_memory  # the XL cache carries no gradient
     if bptt_depth < 0 or not recurrent:
         with autocast():
-            hidden, state = model(inputs, state)
+            hidden, state = model(inputs, state, final_state)
             sel = weights > 0
             loss = model.head.loss(hidden[sel], targets[sel], weights[sel]) / norm
         loss.backward()
