@@ -26,6 +26,7 @@ TINY = [
     "task.valid_size=16",
     "task.test_size=16",
     "trainer.warmup_steps=0",
+    "trainer.precision=fp32",  # tests force fp32: precision auto would pick bf16 where it is faster
 ]
 
 

@@ -124,7 +124,7 @@ def test_single_run_writes_metrics_and_summary(tmp_path):
     assert any("test/acc" in x for x in lines)
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["test/acc"] <= 1.0 and summary["steps"] == 6 and summary["model"] == "rmt"
-    assert summary["arch"] == "trainable" and summary["budget_steps"] == 6
+    assert summary["arch"] == "trainable" and summary["budget_steps"] == 6 and summary["precision"] == "fp32"
     resolved = json.loads((run / "config.json").read_text())
     assert resolved["model"]["arch"] == "trainable" and resolved["model"]["pre_lnorm"] is True
     last = res.stdout.strip().splitlines()[-1]
@@ -138,6 +138,7 @@ def test_multirun_writes_every_job(tmp_path):
     assert len(summaries) == 2
     assert {json.loads(p.read_text())["model"] for p in summaries} == {"vanilla", "rmt"}
     assert all((p.parent / "metrics.jsonl").stat().st_size > 0 for p in summaries)
+    assert {p.parent.name for p in summaries} == {"0_model=vanilla", "1_model=rmt"}  # the swept key only
 
 
 def test_wandb_offline_needs_no_network(tmp_path):

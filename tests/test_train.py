@@ -34,9 +34,9 @@ def train_tiny_reverse(tmp_path, seed: int, **trainer_kw):
     )  # fmt: skip
     trainer = TrainerConfig(
         **(
-            dict(device="cpu", optimizer="adamw", lr=3e-3, schedule="cosine", warmup_steps=50, min_lr=1e-4,
-                 batch_size=32, max_steps=250, eval_every=100, log_every=25, eval_batch_size=500, grad_clip=1.0,
-                 memory_reset_control=True)
+            dict(device="cpu", precision="fp32", optimizer="adamw", lr=3e-3, schedule="cosine", warmup_steps=50,
+                 min_lr=1e-4, batch_size=32, max_steps=250, eval_every=100, log_every=25, eval_batch_size=500,
+                 grad_clip=1.0, memory_reset_control=True)
             | trainer_kw
         )
     )  # fmt: skip

@@ -229,6 +229,7 @@ def test_tiny_lm_validation_perplexity_falls(tmp_path):
         "trainer.eval_every=50",
         "task.segment_len=16",
         "trainer.batch_size=8",
+        "trainer.precision=fp32",
         "logger=none",
         f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
@@ -287,7 +288,13 @@ def test_training_carries_state_across_batches_and_resets_each_epoch(tmp_path, m
     monkeypatch.setattr(loop, "train_segments", recording)
     per_epoch = task.steps_per_epoch(4)
     trainer = TrainerConfig(
-        device="cpu", max_steps=per_epoch + 2, eval_every=1000, batch_size=4, lr=1e-3, eval_batch_size=4
+        device="cpu",
+        precision="fp32",
+        max_steps=per_epoch + 2,
+        eval_every=1000,
+        batch_size=4,
+        lr=1e-3,
+        eval_batch_size=4,
     )
     logger = RunLogger(LoggerConfig(kind="none"), tmp_path / "run", {})
     loop.fit(model, task, trainer, logger, seed=0, device=torch.device("cpu"))

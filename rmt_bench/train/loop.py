@@ -19,6 +19,7 @@ from rmt_bench.logging import RunLogger
 from rmt_bench.models import RecurrentModel, generate_greedy, train_segments
 from rmt_bench.tasks import AlgorithmicTask
 from rmt_bench.train.checkpoint import load_checkpoint, save_checkpoint
+from rmt_bench.train.precision import resolve as resolve_precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,20 +28,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device", "cuda was asked for but torch sees no CUDA device; use auto or cpu")
     return torch.device(name)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """auto: bf16 where matmuls are fast in it (CUDA with bf16, CPUs with AMX tiles); fp32 elsewhere.
-
-    Measured on the 2-core AVX-512 CPU without AMX here, bf16 autocast trains 1.4x slower than fp32
-    (docs/PERFORMANCE.md), hence the AMX test rather than "CPU supports bf16".
-    """
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    amx = getattr(torch._C._cpu, "_is_amx_tile_supported", lambda: False)
-    return bool(amx())
 
 
 def autocast_factory(device: torch.device, bf16: bool):
@@ -124,7 +111,8 @@ def fix_budget(model, task, cfg: TrainerConfig, st: TrainState, seed: int, devic
         for i in range(CALIBRATION_WARMUP + CALIBRATION_STEPS):
             if i == CALIBRATION_WARMUP:
                 t0 = time.perf_counter()
-            _, carried = train_step(probe, optimizer, next(batches), cfg, carried, autocast)
+            _, carried = train_step(probe, optimizer, next(batches), cfg, carried, autocast, task.stream)
+            carried = carried if task.stream else (None, [])  # as fit: fresh examples start fresh
             timed = i + 1 - CALIBRATION_WARMUP
             if timed >= 2 and time.perf_counter() - start > limit:
                 break
@@ -239,15 +227,18 @@ def plateau_step(st: TrainState, cfg: TrainerConfig, val_loss: float) -> None:
         st.plateau_bad = 0
 
 
-def train_step(model: RecurrentModel, optimizer, batch, cfg: TrainerConfig, carried: tuple, autocast):
+def train_step(
+    model: RecurrentModel, optimizer, batch, cfg: TrainerConfig, carried: tuple, autocast, carried_state: bool = True
+):
     """One optimiser step over a batch's segments. `carried` = (state, BPTT history) handed from batch to batch
-    on streams (None, [] on the algorithmic tasks). -> (loss, carried)."""
+    on streams (None, [] on the algorithmic tasks, whose batches say carried_state=False: the final state is
+    dropped). -> (loss, carried)."""
     optimizer.zero_grad(set_to_none=True)
     weights = batch.loss_mask.float()
     state, history = carried
     loss, state, history = train_segments(
         model, batch.inputs, batch.targets, weights, weights.sum().item(), model.cfg.bptt_depth, state, history,
-        autocast,
+        autocast, final_state=carried_state,
     )  # fmt: skip
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -268,7 +259,6 @@ def fit(
     """Train for a fixed step budget, validating every `eval_every` steps; test the best-validation weights
     (and, with `cfg.memory_reset_control`, test them again with the memory reset at every segment)."""
     # --- setup
-    autocast = autocast_factory(device, use_bf16(cfg.precision, device))
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     st, best_weights = TrainState(), copy.deepcopy(model.state_dict())
@@ -277,6 +267,10 @@ def fit(
             raise ConfigError("resume", f"no checkpoint at {checkpoint_path}; pass hydra.run.dir=<the run to resume>")
         st, best_weights = load_checkpoint(checkpoint_path, model, optimizer, st)
         logger.info(f"resumed from {checkpoint_path} at step {st.step}")
+    bf16, why = resolve_precision(cfg.precision, device)
+    if cfg.precision == "auto":
+        logger.info(why)
+    autocast = autocast_factory(device, bf16)
     t_start = time.perf_counter() - st.train_seconds
     if how := fix_budget(model, task, cfg, st, seed, device, autocast):
         logger.info(how)
@@ -298,7 +292,7 @@ def fit(
             group["lr"] = cfg.lr * lr_factor(cfg, st.step, budget) * st.plateau_scale
         if st.step % per_epoch == 0:
             carried = (None, [])
-        loss, carried = train_step(model, optimizer, batch, cfg, carried, autocast)
+        loss, carried = train_step(model, optimizer, batch, cfg, carried, autocast, task.stream)
         st.step_seconds += time.perf_counter() - step_start
         st.step += 1
         window_loss += loss
@@ -345,5 +339,5 @@ def fit(
         "seconds_per_step_measured": st.seconds_per_step, "train_minutes": train_seconds / 60,
         "test_minutes": (time.perf_counter() - test_start) / 60,
         "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9), "peak_memory_mb": peak_memory_mb(device),
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in model.parameters()), "precision": "bf16" if bf16 else "fp32",
     }  # fmt: skip

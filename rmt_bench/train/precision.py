@@ -1,0 +1,104 @@
+"""`trainer.precision=auto`: bf16 autocast where it trains faster than fp32, decided by a measurement.
+
+On a CPU the answer depends on the matrix units, the size of the model and the overhead of the casts (on a
+2-core Xeon with AMX, bf16 autocast trains the paper's reverse model 1.6x faster; on one without AMX it was
+1.4x slower), so no flag decides it: the first run on a machine times a training step of a paper-sized rmt in
+both precisions (a few seconds) and caches the answer, keyed by the CPU, the torch version and the thread
+count, in `$RMT_BENCH_CACHE` (default `~/.cache/rmt-bench`)/precision.json. Delete the file to measure again.
+On CUDA, auto is bf16 where the device supports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+SPEEDUP_NEEDED = 1.1  # bf16 must be this much faster to be chosen: casts cost accuracy for nothing otherwise
+PROBE_STEPS = 4
+
+
+def cache_file() -> Path:
+    root = os.environ.get("RMT_BENCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "rmt-bench"
+    return Path(root).expanduser() / "precision.json"
+
+
+def machine_key() -> str:
+    """The CPU (model name and feature flags), torch version and thread count: what the measurement depends on."""
+    info = {}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "flags") and key.strip() not in info:
+                info[key.strip()] = value.strip()
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    flags = hashlib.sha1(info.get("flags", "").encode()).hexdigest()[:8]
+    return f"{cpu} [{flags}] torch {torch.__version__} threads {torch.get_num_threads()}"
+
+
+def measure_cpu() -> dict:
+    """Milliseconds per training step (forward, backward, AdamW) of the paper's reverse rmt (4 layers, d_model
+    128, memory 6, 4 segments of 12, batch 32) in fp32 and in bf16 autocast, alternating, best of PROBE_STEPS."""
+    from rmt_bench.config import ModelConfig
+    from rmt_bench.models import build_model, train_segments
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        cfg = ModelConfig(name="rmt", num_mem_tokens=6, dropout=0.0, pre_lnorm=True)
+        model = build_model(cfg, 12)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(2, 12, (32, 4, 12))
+        w = torch.ones(x.shape)
+        casts = {"fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+        times = {name: [] for name in casts}
+        for i in range(PROBE_STEPS + 1):
+            for name, cast in casts.items():
+                start = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                train_segments(model, x, x, w, w.sum().item(), -1, autocast=cast, final_state=False)
+                opt.step()
+                if i:  # the first round warms up
+                    times[name].append((time.perf_counter() - start) * 1000)
+    fp32, bf16 = min(times["fp32"]), min(times["bf16"])
+    return {"fp32_ms": round(fp32, 2), "bf16_ms": round(bf16, 2), "bf16_speedup": round(fp32 / bf16, 3)}
+
+
+def resolve(precision: str, device: torch.device) -> tuple[bool, str]:
+    """-> (bf16?, one line saying why). fp32 / bf16 are taken as given; auto as described above."""
+    if precision != "auto":
+        return precision == "bf16", f"precision {precision} (as configured)"
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        return bf16, f"precision auto: {'bf16' if bf16 else 'fp32'} (CUDA device {'with' if bf16 else 'without'} bf16)"
+    if device.type != "cpu":
+        return False, f"precision auto: fp32 on {device.type}"
+    path, key = cache_file(), machine_key()
+    try:
+        cache = json.loads(path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key)
+    how = f"cached in {path}"
+    if not isinstance(entry, dict) or "bf16_speedup" not in entry:
+        entry = measure_cpu()
+        cache[key] = entry
+        how = f"measured now, cached in {path}"
+        with contextlib.suppress(OSError):  # a read-only home only means measuring again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(path)
+    bf16 = entry["bf16_speedup"] >= SPEEDUP_NEEDED
+    line = (
+        f"precision auto: {'bf16' if bf16 else 'fp32'} (a training step in bf16 autocast is "
+        f"{entry['bf16_speedup']:.2f}x fp32 on this CPU; {how})"
+    )
+    return bf16, line
