@@ -39,6 +39,24 @@ CHECKPOINT_FILE = "checkpoint.pt"
 OmegaConf.register_new_resolver("width_std", lambda d_model: round((2 / (5 * float(d_model))) ** 0.5, 6), replace=True)
 
 
+def swept_dirname(job_overrides) -> str:
+    """A multirun job's directory name: `key=value` of the keys the command line sweeps (`model=xl,rmt`,
+    `mem=range(2,8,2)`), not every override, with `/` replaced so that it stays one path component. Hydra's
+    own parser tells sweeps from plain overrides; without a sweep on the command line every override counts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a and a[0] != "-"])
+        swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    except Exception:  # a launcher in another process: its argv is not the sweep's
+        swept = set()
+    pairs = [str(o) for o in job_overrides if not swept or str(o).split("=", 1)[0].lstrip("+~") in swept]
+    return ",".join(pairs).replace("/", "_")[:200] or "job"
+
+
+OmegaConf.register_new_resolver("swept_dirname", swept_dirname, replace=True)
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
