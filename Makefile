@@ -10,7 +10,8 @@ ARGS ?=
 install: $(VENV)/.installed
 
 # CPU torch first on a machine without CUDA (a pinned release, so pip does not pull a multi-GB CUDA build
-# into an empty venv), then the package with its dev tools.
+# into an empty venv), then the package with its dev tools and the peers `scripts/bench.py peers` compares
+# against (the `bench` extra, installed against the torch already there; the package never imports them).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	@touch $@
 
 run: install

@@ -5,6 +5,7 @@
     python scripts/bench.py matmul          # is bf16 faster than fp32 on this CPU?
     python scripts/bench.py runs --seeds 0 1 2 -- task=reverse model=rmt mem=6   # whole runs, wall clock
     python scripts/bench.py eval --task copy  # the test evaluation (greedy decoding) of an rmt model
+    python scripts/bench.py peers           # ours vs the public implementations at equal size (pip install .[bench])
 
 Numbers go to docs/PERFORMANCE.md together with the command that produced them. Run on an idle machine.
 """
@@ -28,6 +29,9 @@ from rmt_bench.config import ModelConfig, TaskConfig
 from rmt_bench.models import SegmentState, build_model, train_segments
 from rmt_bench.tasks import build_task
 from rmt_bench.train.loop import autocast_factory
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import bench_peers  # noqa: E402
 
 SIZES = {"reverse": dict(n_layer=4, d_model=128, n_head=4, d_head=64, d_inner=256)}
 
@@ -203,6 +207,20 @@ def main() -> None:
     r.add_argument("--models", nargs="+", default=None, help="one run per model and seed (default: as configured)")
     r.add_argument("--out", default=None, help="where the run dirs go (default: a new temporary directory)")
     r.add_argument("overrides", nargs="*", help="rmt-bench overrides, after --")
+    p = sub.add_parser(
+        "peers", help="ours vs recurrent-memory-transformer-pytorch and x-transformers (scripts/peers.py)"
+    )
+    p.add_argument("--configs", nargs="+", choices=["reverse", "wide"], default=["reverse", "wide"])
+    p.add_argument("--models", nargs="+", default=["rmt", "rmt-peer", "vanilla", "vanilla-peer", "xl", "xl-peer"])
+    p.add_argument("--post-ln", action="store_true", help="also our models with the paper's post-LN backbone")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="for all models (bf16: autocast)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--batch", type=int, default=None, help="instead of the config's batch size")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model per round")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     commands = {
         "train": bench_train,
@@ -210,6 +228,7 @@ def main() -> None:
         "matmul": bench_matmul,
         "runs": bench_runs,
         "eval": bench_eval,
+        "peers": bench_peers,
     }
     with contextlib.suppress(KeyboardInterrupt):
         commands[args.cmd](args)

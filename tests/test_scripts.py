@@ -146,3 +146,23 @@ def test_bench_runs_reports_each_run_from_its_summary(tmp_path):
             assert f"**{summary['test/acc']:.4f}**" in row and "4 / 4" in row
             reset = summary.get("test_memory_reset/acc")
             assert (reset is None) == (model == "vanilla") and (reset is None or f"{reset:.4f} |" in row)
+
+
+def test_bench_peers_times_every_model_and_checks_the_loss_falls():
+    """Ours against recurrent-memory-transformer-pytorch and x-transformers (the `bench` extra, installed by
+    `make install`), a small batch: a row per model, ratios printed, every loss falls (else exit 1)."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "peers", "--configs", "reverse", "--batch", "16",
+         "--lr", "3e-3", "--rounds", "2", "--steps", "5", "--warmup", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "recurrent-memory-transformer-pytorch 0.7.0" in res.stdout and "x-transformers 2.31.10" in res.stdout
+    rows = {line.split("|")[1].strip(): line.split("|") for line in res.stdout.splitlines() if line.startswith("| ")}
+    for name in ("rmt", "rmt-peer", "vanilla", "vanilla-peer", "xl", "xl-peer"):
+        cells = rows[name]
+        assert int(cells[2].replace(",", "")) > 500_000  # parameters
+        assert float(cells[3].replace(",", "")) > 0 and cells[6].strip() == "yes"  # tokens/s, the loss fell
+        assert float(cells[7]) > float(cells[8]) > 0  # peak RSS above its training share
+    assert "rmt: " in res.stdout and "x the peer's tokens/s" in res.stdout
+    assert "use_xl_memories': False" in res.stdout and "'num_residual_streams': 1" in res.stdout
