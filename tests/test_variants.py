@@ -30,9 +30,7 @@ def test_xl_over_segments_equals_one_pass_with_a_window_mask(n_seg, mem_len):
     x = tokens(b=2, s=n_seg, n=5)
     hidden, state = model(x)
     flat = x.reshape(2, -1)
-    one_pass, _, _ = model.backbone(
-        model.backbone.embed_tokens(flat), None, window_mask(flat.shape[1], 5, mem_len, False)
-    )
+    one_pass, _ = model.backbone(model.backbone.embed_tokens(flat), None, window_mask(flat.shape[1], 5, mem_len, False))
     assert_close(hidden.reshape(2, -1, hidden.shape[-1]), one_pass, atol=1e-5, rtol=1e-4)
     assert state.cache[0].shape[1] == min(mem_len, 5 * n_seg)
 
@@ -42,7 +40,7 @@ def test_xl_same_length_equals_a_sliding_window():
     x = tokens(b=2, s=3, n=5)
     hidden, _ = model(x)
     flat = x.reshape(2, -1)
-    one_pass, _, _ = model.backbone(model.backbone.embed_tokens(flat), None, window_mask(15, 5, 4, True))
+    one_pass, _ = model.backbone(model.backbone.embed_tokens(flat), None, window_mask(15, 5, 4, True))
     assert_close(hidden.reshape(2, 15, -1), one_pass, atol=1e-5, rtol=1e-4)
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from rmt_bench.config import ModelConfig
 from rmt_bench.models.heads import build_embedding_and_head
-from rmt_bench.models.layers import Block, Dropout, SinusoidalDistances, relative_distances
+from rmt_bench.models.layers import Block, Dropout, KVBuffer, SinusoidalDistances, relative_distances
 
 
 class Backbone(nn.Module):
@@ -53,20 +53,17 @@ class Backbone(nn.Module):
         h: Tensor,
         caches: list[Tensor] | None,
         mask_bias: Tensor,
-        past: list[tuple[Tensor, Tensor]] | None = None,
-    ) -> tuple[Tensor, list[Tensor], list[tuple[Tensor, Tensor]]]:
+        past: list[KVBuffer] | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
         """h (B, Q, d) input vectors (memory + token embeddings), the last Q of the K = mask_bias.shape[1] key
-        positions; caches: per layer (B, M, d) or None; past (decoding, instead of caches): per layer the keys
-        and values (B, H, K-Q, Dh) of the positions before h. -> final hidden (B, Q, d), each layer's input
-        (B, Q, d) for the XL cache, and each layer's keys and values (B, H, K, Dh) for decoding."""
+        positions; caches: per layer (B, M, d) or None; past (decoding): per layer the buffer of the keys and
+        values of the positions before h (the cache's among them once filled), appended to by this call.
+        -> final hidden (B, Q, d) and each layer's input (B, Q, d) for the XL cache."""
         qlen = h.shape[1]
         klen = mask_bias.shape[1]
         pos_emb = self.drop(self.distances(relative_distances(qlen, klen, self.cfg.clamp_len, h.device)))
-        layer_inputs, kvs = [], []
+        layer_inputs = []
         for i, layer in enumerate(self.layers):
             layer_inputs.append(h)
-            h, kv = layer(
-                h, caches[i] if caches else None, pos_emb, self.u, self.v, mask_bias, past[i] if past else None
-            )
-            kvs.append(kv)
-        return self.final_norm(h), layer_inputs, kvs
+            h = layer(h, caches[i] if caches else None, pos_emb, self.u, self.v, mask_bias, past[i] if past else None)
+        return self.final_norm(h), layer_inputs

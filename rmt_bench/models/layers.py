@@ -151,6 +151,27 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+class KVBuffer:
+    """A layer's keys and values while a segment is decoded (no grad): preallocated (H, B, K_max, Dh) and filled
+    block by block, so a generated token appends one position instead of re-concatenating all of them."""
+
+    def __init__(self, k_max: int):
+        self.k_max, self.length = k_max, 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v (H, B, L, Dh) of the next L positions -> the keys and values of all positions so far (views)."""
+        if self.k is None:
+            self.k = k.new_empty(*k.shape[:2], self.k_max, k.shape[3])
+            self.v = v.new_empty(self.k.shape)
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class Block(nn.Module):
     """Transformer-XL decoder layer: post-layer-norm by default (the paper's code), pre-norm as an option."""
 
@@ -172,19 +193,19 @@ class Block(nn.Module):
         u: Tensor,
         v: Tensor,
         mask_bias: Tensor,
-        past: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """h (B, Q, d), cache (B, M, d) or None -> (B, Q, d), and the keys and values (H, B, K, Dh) of every
-        position attended to. `past` (decoding): the keys and values of the positions before h, returned by
-        earlier calls; they stand for the cache and the earlier part of the segment."""
+        past: KVBuffer | None = None,
+    ) -> Tensor:
+        """h (B, Q, d), cache (B, M, d) or None -> (B, Q, d). `past` (decoding): the keys and values of the
+        positions before h, filled by earlier calls (the cache and the earlier part of the segment); this call's
+        are appended to it."""
         x = self.norm_attn(h) if self.pre_lnorm else h  # the query rows, (normalised) h
         keys_only = None if cache is None else self.norm_attn(cache) if self.pre_lnorm else cache
         q, k, val = self.attn.project(x, keys_only, u)
         if past is not None:
-            k, val = torch.cat([past[0], k], dim=2), torch.cat([past[1], val], dim=2)
+            k, val = past.append(k, val)
         attended = self.attn(q, k, val, pos_emb, u, v, mask_bias)
         if self.pre_lnorm:
             h = h + attended
-            return h + self.ff(self.norm_ff(h)), (k, val)
+            return h + self.ff(self.norm_ff(h))
         h = self.norm_attn(h + attended)
-        return self.norm_ff(h + self.ff(h)), (k, val)
+        return self.norm_ff(h + self.ff(h))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from rmt_bench.config import ModelConfig
 from rmt_bench.models.backbone import Backbone
+from rmt_bench.models.layers import KVBuffer
 
 
 @dataclass
@@ -92,7 +93,7 @@ class RecurrentModel(nn.Module):
         if m:
             h = torch.cat([read.to(h.dtype), h] + ([read.to(h.dtype)] if write else []), dim=1)  # (B, Q, d)
         mask = self._mask(n, write, state, tokens.device)
-        out, layer_inputs, _ = self.backbone(h, state.cache, mask)  # (B, Q, d)
+        out, layer_inputs = self.backbone(h, state.cache, mask)  # (B, Q, d)
         return out[:, m : m + n], self._next_state(out[:, m + n :] if write else None, layer_inputs, state)
 
     @property
@@ -146,14 +147,15 @@ class RecurrentModel(nn.Module):
         # blocks of token positions [lo, hi), each ending at such a position (its prediction fills the next
         # input) or at the segment's end: the prefix, then one position at a time through the answer, the rest
         bounds = sorted({0, n, *(t + 1 for t in steps)})
-        hidden, past = [], None
+        hidden = []
+        past = [KVBuffer(mask.shape[1]) for _ in self.backbone.layers]  # per layer, filled block by block
         layer_inputs = [[] for _ in self.backbone.layers]  # per layer, the input blocks (the XL cache's source)
         for lo, hi in zip(bounds, bounds[1:]):
             h = self.backbone.embed_tokens(tokens[:, lo:hi])  # (B, hi-lo, d)
             rows = slice(m + lo, m + hi)
             if lo == 0 and m:  # the read block goes with the first block of tokens
                 h, rows = torch.cat([read.to(h.dtype), h], 1), slice(0, m + hi)
-            out, inputs, past = self.backbone(h, None if past else state.cache, mask[rows, : c + m + hi], past)
+            out, inputs = self.backbone(h, state.cache if lo == 0 else None, mask[rows, : c + m + hi], past)
             for blocks, x in zip(layer_inputs, inputs):
                 blocks.append(x)
             hidden.append(out[:, out.shape[1] - (hi - lo) :])
@@ -163,7 +165,7 @@ class RecurrentModel(nn.Module):
                 tokens[:, t + 1] = torch.where(answer[:, t], pred, tokens[:, t + 1])
         written = None
         if self.writes:
-            written, inputs, _ = self.backbone(read.to(hidden[0].dtype), None, mask[m + n :], past)
+            written, inputs = self.backbone(read.to(hidden[0].dtype), None, mask[m + n :], past)
             for blocks, x in zip(layer_inputs, inputs):
                 blocks.append(x)
         cache_source = [torch.cat(blocks, 1) for blocks in layer_inputs] if self.cfg.mem_len else []
