@@ -136,18 +136,31 @@ def summary_line(s: dict) -> str:
     )
 
 
+FAILED_JOBS: list[str] = []  # multirun jobs that failed at run time, reported when the sweep ends
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(dcfg: DictConfig) -> float:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    hc = HydraConfig.get()
     try:
         cfg = to_run_config(dcfg)
         cfg.logger.group, cfg.logger.name = _job_identity()
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        run_dir = Path(hc.runtime.output_dir)
         summary = run(cfg, run_dir, resume=cfg.resume)
-    except (ConfigError, CheckpointError) as exc:
-        if full_error:
-            raise
-        _fail(str(exc))
+    except Exception as exc:
+        if full_error or hc.mode != RunMode.MULTIRUN:
+            if full_error or not isinstance(exc, (ConfigError, CheckpointError)):
+                raise
+            _fail(str(exc))
+        # a sweep goes on: the job is reported (and listed again at the end), the next one runs
+        what = str(exc) if isinstance(exc, (ConfigError, CheckpointError)) else f"{type(exc).__name__}: {exc}"
+        line = f"job {hc.job.num} ({swept_dirname(hc.overrides.task)}) failed: {what}"
+        FAILED_JOBS.append(line)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        with open(Path(hc.sweep.dir) / "failed_jobs.txt", "a") as f:
+            f.write(line + "\n")
+        return float("nan")
     print(summary_line(summary), flush=True)
     return summary[f"test/{headline(summary)}"]  # the value a Hydra sweeper (e.g. optuna) optimises
 
@@ -205,6 +218,58 @@ def precheck(args: list[str]) -> None:
             _fail(f"{key}: unknown key; {where}: {', '.join(known)}")
 
 
+def sweep_jobs(args: list[str]) -> list[tuple[list[str], str]]:
+    """The overrides of every job a basic multirun of `args` launches (the product of the swept values, in
+    Hydra's order: the last override varies fastest), each with its label: its swept `key=value`s."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    axes = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        ov = parser.parse_override(arg)
+        if ov.key_or_group.startswith("hydra"):
+            continue
+        if ov.is_sweep_override():
+            prefix = arg[: len(arg) - len(arg.split("=", 1)[1])]  # key= with any +/~ prefix
+            axes.append([prefix + v for v in ov.sweep_string_iterator()])
+        else:
+            axes.append([arg])
+    return [
+        (list(job), ",".join(o for o, axis in zip(job, axes) if len(axis) > 1) or "the only job")
+        for job in itertools.product(*axes)
+    ]
+
+
+def validate_sweep(args: list[str]) -> None:
+    """Compose and validate every job of a multirun before the first one starts: all bad jobs are named, one line
+    each, and nothing runs (exit 2)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        jobs = sweep_jobs(args)
+    except Exception:
+        return  # a sweep this cannot expand (a sweeper's own syntax): Hydra checks each job as it starts
+    errors = []
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for num, (job, label) in enumerate(jobs):
+            try:
+                to_run_config(compose(config_name="config", overrides=job))
+            except Exception as exc:
+                what = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+                errors.append(f"error: job {num} ({label}): {what}")
+    GlobalHydra.instance().clear()
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        print(f"error: {len(errors)} of the sweep's jobs are invalid; nothing was run", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     """Console script `rmt-bench`."""
     args = sys.argv[1:]
@@ -215,7 +280,13 @@ def main() -> None:
             raise
         except Exception:
             pass  # the checks are a courtesy; Hydra validates everything again
+        if "-m" in args or "--multirun" in args:
+            validate_sweep(args)
     hydra_main()
+    if FAILED_JOBS:
+        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed:", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in FAILED_JOBS), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,29 @@ def test_multirun_writes_every_job(tmp_path):
     assert {p.parent.name for p in summaries} == {"0_model=vanilla", "1_model=rmt"}  # the swept key only
 
 
+def test_a_sweep_with_bad_values_names_every_bad_job_and_runs_nothing(tmp_path):
+    res = run_cli("-m", *TINY, "model.n_layer=0,2,-1", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[0] == "error: job 0 (model.n_layer=0): model.n_layer: must be >= 1, got 0"
+    assert lines[1] == "error: job 2 (model.n_layer=-1): model.n_layer: must be >= 1, got -1"
+    assert len(lines) == 3 and "nothing was run" in lines[2]
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_goes_on_after_a_job_fails_and_lists_it_at_the_end(tmp_path):
+    """The middle job asks to resume a run that has no checkpoint: it fails at run time, the last job runs."""
+    res = run_cli("-m", *TINY, "resume=false,true,false", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert res.returncode == 1
+    sweep = tmp_path / "sweep"
+    assert (sweep / "0_resume=False" / "summary.json").exists() and (sweep / "2_resume=False" / "summary.json").exists()
+    assert not (sweep / "1_resume=True" / "summary.json").exists()
+    tail = res.stderr.strip().splitlines()[-2:]
+    assert tail[0] == "error: 1 job(s) of the sweep failed:"
+    assert tail[1].startswith("  job 1 (resume=True) failed: resume: no checkpoint")
+    assert (sweep / "failed_jobs.txt").read_text().startswith("job 1 (resume=True) failed")
+
+
 def test_wandb_offline_needs_no_network(tmp_path):
     args = [a for a in TINY if a != "logger=none"]
     res = run_cli(*args, "logger=wandb", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env={"WANDB_MODE": "offline"})
