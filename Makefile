@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: install run test test-slow lint format clean
+BENCH ?= reverse_fig3
+SCALE ?= cpu
+JOBS ?= 1
+
+.PHONY: install run reproduce test test-slow lint format clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +29,10 @@ $(VENV)/.installed: pyproject.toml
 
 run: install
 	$(VENV)/bin/rmt-bench $(ARGS)
+
+# one of the paper's benchmarks (tasks/), cell by cell; re-running skips finished cells and resumes partial ones
+reproduce: install
+	$(VENV)/bin/rmt-bench-suite $(BENCH) --scale $(SCALE) --jobs $(JOBS)
 
 test: install
 	$(PY) -m pytest -q

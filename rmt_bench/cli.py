@@ -244,17 +244,12 @@ def sweep_jobs(args: list[str]) -> list[tuple[list[str], str]]:
     ]
 
 
-def validate_sweep(args: list[str]) -> None:
-    """Compose and validate every job of a multirun before the first one starts: all bad jobs are named, one line
-    each, and nothing runs (exit 2)."""
+def invalid_jobs(jobs: list[tuple[list[str], str]]) -> list[tuple[int, str, str]]:
+    """Compose and validate each job's overrides as a run would -> (index, label, what is wrong) of the bad ones."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    try:
-        jobs = sweep_jobs(args)
-    except Exception:
-        return  # a sweep this cannot expand (a sweeper's own syntax): Hydra checks each job as it starts
-    errors = []
+    bad = []
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for num, (job, label) in enumerate(jobs):
@@ -262,8 +257,19 @@ def validate_sweep(args: list[str]) -> None:
                 to_run_config(compose(config_name="config", overrides=job))
             except Exception as exc:
                 what = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
-                errors.append(f"error: job {num} ({label}): {what}")
+                bad.append((num, label, what))
     GlobalHydra.instance().clear()
+    return bad
+
+
+def validate_sweep(args: list[str]) -> None:
+    """Compose and validate every job of a multirun before the first one starts: all bad jobs are named, one line
+    each, and nothing runs (exit 2)."""
+    try:
+        jobs = sweep_jobs(args)
+    except Exception:
+        return  # a sweep this cannot expand (a sweeper's own syntax): Hydra checks each job as it starts
+    errors = [f"error: job {num} ({label}): {what}" for num, label, what in invalid_jobs(jobs)]
     if errors:
         print("\n".join(errors), file=sys.stderr)
         print(f"error: {len(errors)} of the sweep's jobs are invalid; nothing was run", file=sys.stderr)
@@ -283,9 +289,14 @@ def main() -> None:
         if "-m" in args or "--multirun" in args:
             validate_sweep(args)
     hydra_main()
-    if FAILED_JOBS:
-        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed:", file=sys.stderr)
-        print("\n".join(f"  {line}" for line in FAILED_JOBS), file=sys.stderr)
+    exit_if_failed("job(s) of the sweep", FAILED_JOBS)
+
+
+def exit_if_failed(what: str, failed: list[str]) -> None:
+    """The list of what failed at run time, after all ran, and exit status 1."""
+    if failed:
+        print(f"error: {len(failed)} {what} failed:", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in failed), file=sys.stderr)
         sys.exit(1)
 
 

@@ -88,6 +88,15 @@ def test_wheel_ships_the_configs_and_runs_from_elsewhere(tmp_path):
             env={"PYTHONPATH": str(target)},
         ).stdout
     )
+    listed = subprocess.run(
+        [sys.executable, "-m", "rmt_bench.suite", "--list"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)},
+    )
+    assert listed.returncode == 0 and "reverse_fig3: Fig. 3" in listed.stdout, listed.stderr  # tasks/ ships too
+    assert (target / "rmt_bench" / "benchmarks" / "reverse_fig3.yaml").exists()
 
 
 def test_bench_script_prints_its_tables():

@@ -1,0 +1,176 @@
+"""`rmt-bench-suite`: one of the paper's benchmarks (a file of `tasks/`) run cell by cell, resumably.
+
+    rmt-bench-suite reverse_fig3 --scale cpu            # or a path to a benchmark file
+    rmt-bench-suite reverse_fig3 --scale cpu --jobs 2   # two cells side by side, the threads split between them
+    rmt-bench-suite --list
+
+A benchmark file holds the paper's table or figure as data: `base` overrides, one list of overrides per `scale`
+(`cpu`: the trainable backbone, minutes per cell; `paper`: the paper's backbone and schedule, for a GPU), `seeds`,
+and `cells`, each a mapping of override keys to values, its paper number (`paper`) and overrides per scale
+(`extra: {cpu: [...]}`, replacing the scale's own for the same key).
+Every cell runs through the same entry point as `rmt-bench` (`python -m rmt_bench.cli ...`, so Hydra stays in
+cli.py) in a directory that depends only on the cell: `<out>/<benchmark>/<scale>/<cell keys>/seed<k>`. A cell is
+finished when its summary.json exists: a re-run skips it, and resumes (`resume=true`) a cell that has only a
+checkpoint. Every cell's config is validated before the first starts; a cell that fails at run time is reported
+and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+_PACKAGED = Path(__file__).resolve().parent / "benchmarks"  # tasks/, inside an installed wheel
+BENCHMARK_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "tasks"
+SCALES = ("cpu", "paper")
+CELL_KEYS_RESERVED = ("paper", "extra")  # a cell's paper number; its overrides per scale
+
+
+class SuiteError(Exception):
+    """Bad benchmark name, file or scale: one line."""
+
+
+@dataclass
+class Cell:
+    name: str  # directory name: the cell's own `key=value`s
+    overrides: list[str]  # base + scale + the cell's, without seed and run dir
+    seed: int
+    paper: float | None
+
+    def run_dir(self, root: Path) -> Path:
+        return root / self.name / f"seed{self.seed}"
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in BENCHMARK_DIR.glob("*.yaml"))
+
+
+def load(name: str) -> tuple[str, dict]:
+    """A benchmark by name (tasks/NAME.yaml) or path -> (its name, its contents)."""
+    path = Path(name)
+    if not path.suffix:
+        path = BENCHMARK_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise SuiteError(f"benchmark {name}: no such file; choose one of: {', '.join(available())} (or a path)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SuiteError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    for key in ("cells", "scales", "seeds", "metric"):
+        if not isinstance(data, dict) or key not in data:
+            raise SuiteError(f"{path}: missing `{key}`")
+    return path.stem, data
+
+
+def cells(data: dict, scale: str) -> list[Cell]:
+    """Every (cell, seed) of the benchmark at `scale`."""
+    if scale not in data["scales"]:
+        raise SuiteError(f"--scale {scale}: not in this benchmark; choose one of: {', '.join(data['scales'])}")
+    out = []
+    for spec in data["cells"]:
+        own = {k: v for k, v in spec.items() if k not in CELL_KEYS_RESERVED}
+        name = ",".join(f"{k}={v}" for k, v in own.items()).replace("/", "_")
+        # base, then the scale's, then the cell's extras for the scale (replacing the scale's for the same key)
+        scale_overrides = {o.split("=", 1)[0]: o for o in data["scales"][scale]}
+        scale_overrides |= {o.split("=", 1)[0]: o for o in (spec.get("extra") or {}).get(scale, [])}
+        overrides = [*data.get("base", []), *scale_overrides.values(), *(f"{k}={v}" for k, v in own.items())]
+        out += [Cell(name, overrides, seed, spec.get("paper")) for seed in data["seeds"]]
+    return out
+
+
+def status(cell: Cell, root: Path) -> str:
+    """finished (summary.json), partial (a checkpoint only) or new."""
+    d = cell.run_dir(root)
+    if (d / "summary.json").exists():
+        return "finished"
+    return "partial" if (d / "checkpoint.pt").exists() else "new"
+
+
+def command(cell: Cell, root: Path, threads: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "rmt_bench.cli", *cell.overrides, f"seed={cell.seed}"]
+    if threads:
+        cmd.append(f"trainer.num_threads={threads}")
+    if status(cell, root) == "partial":
+        cmd.append("resume=true")
+    run_dir = str(cell.run_dir(root))
+    quote = '"' if "'" in run_dir else "'"  # quoted for Hydra's grammar: the cell names hold `=` and `,`
+    return [*cmd, f"hydra.run.dir={quote}{run_dir}{quote}"]
+
+
+def run_cell(cell: Cell, root: Path, threads: int | None) -> tuple[int, str]:
+    """Runs one cell, its output in <run dir>/suite.log -> (exit status, the run's last line)."""
+    d = cell.run_dir(root)
+    print(f"  {'resuming' if status(cell, root) == 'partial' else 'starting'} {cell.name} seed {cell.seed}", flush=True)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "suite.log", "a") as log:
+        res = subprocess.run(command(cell, root, threads), stdout=log, stderr=subprocess.STDOUT)
+    lines = (d / "suite.log").read_text().strip().splitlines()
+    return res.returncode, lines[-1] if lines else ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rmt-bench-suite", description=__doc__.split("\n\n")[0])
+    parser.add_argument("benchmark", nargs="?", help="a name from tasks/ (see --list) or a path")
+    parser.add_argument("--scale", default="cpu", help="cpu (minutes per cell) or paper (the paper's schedule)")
+    parser.add_argument("--out", default="suite", help="root of the cell directories (default: ./suite)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells side by side; the CPU threads split between them")
+    parser.add_argument("--list", action="store_true", help="the benchmarks and their cells, then exit")
+    parser.add_argument("--dry-run", action="store_true", help="print each cell's command and status, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        if args.list or not args.benchmark:
+            for name in available():
+                _, data = load(name)
+                print(f"{name}: {data.get('title', '')} ({len(data['cells'])} cells x {len(data['seeds'])} seeds)")
+            return
+        if args.jobs < 1:
+            raise SuiteError(f"--jobs {args.jobs}: must be >= 1")
+        name, data = load(args.benchmark)
+        todo = cells(data, args.scale)
+    except SuiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+    from rmt_bench.cli import exit_if_failed, invalid_jobs  # Hydra composes the configs, in cli.py
+
+    bad = invalid_jobs([(c.overrides + [f"seed={c.seed}"], f"{c.name} seed {c.seed}") for c in todo])
+    if bad:
+        for _, label, what in bad:
+            print(f"error: cell {label}: {what}", file=sys.stderr)
+        sys.exit(2)
+    root = Path(args.out) / name / args.scale
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    pending = [c for c in todo if status(c, root) != "finished"]
+    total = len(todo)
+    print(f"{name} ({args.scale}): {total} cells, {total - len(pending)} finished, {len(pending)} to run -> {root}")
+    if args.dry_run:
+        for c in todo:
+            print(f"[{status(c, root)}] {' '.join(command(c, root, threads)[3:])}")
+        return
+    done, failed, start = total - len(pending), [], time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {}
+        for c in pending:
+            futures[pool.submit(run_cell, c, root, threads)] = c
+        for fut in as_completed(futures):
+            c = futures[fut]
+            code, last = fut.result()
+            done += 1
+            minutes = (time.perf_counter() - start) / 60
+            if code:
+                failed.append(f"{c.name} seed {c.seed} (exit {code}): {last}")
+            verdict = last if not code else f"FAILED (exit {code}; {c.run_dir(root) / 'suite.log'})"
+            print(f"[{done}/{total}] {minutes:.1f} min | {c.name} seed {c.seed} | {verdict}", flush=True)
+    exit_if_failed("cell(s)", failed)
+
+
+if __name__ == "__main__":
+    main()
