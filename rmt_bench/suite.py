@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         for c in todo:
             print(f"[{status(c, root)}] {' '.join(command(c, root, threads)[3:])}")
         return
+    root.mkdir(parents=True, exist_ok=True)
+    # the benchmark travels with its runs: rmt-bench-report reads the cells and paper numbers from there
+    (root.parent / "benchmark.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     done, failed, start = total - len(pending), [], time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {}

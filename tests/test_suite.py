@@ -97,3 +97,29 @@ def test_an_unknown_benchmark_or_scale_is_one_line(tmp_path):
         res.returncode == 2
         and res.stderr.strip() == "error: --scale gpu: not in this benchmark; choose one of: cpu, paper"
     )
+
+
+def test_the_report_puts_each_cell_beside_the_paper(tmp_path):
+    cells = [{"model": "vanilla", "paper": 0.1}, {"model": "rmt", "mem": 2, "paper": 1.0}]
+    bench = write_benchmark(tmp_path, cells)
+    assert run_suite(bench, "--out", tmp_path / "out", cwd=tmp_path).returncode == 0
+    root = tmp_path / "out" / "tiny_bench" / "cpu"
+    acc = {c: json.loads((root / c / "seed0" / "summary.json").read_text())["test/acc"] for c in ("model=vanilla",)}
+    (root / "model=rmt,mem=2" / "seed0" / "summary.json").unlink()  # a cell not (yet) finished
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "rmt_bench.report", str(tmp_path / "out"), "--out", str(tmp_path / "report")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "report" / "tiny_bench_cpu.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| model=vanilla |"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    mean = acc["model=vanilla"]
+    assert cols[1] == f"**{mean:.4f}**" and cols[4] == "1" and cols[5] == "0.1" and cols[6] == f"{mean - 0.1:+.3f}"
+    assert "| model=rmt,mem=2 | not run | | | 0 | 1.0 | |" in text
+    png = (tmp_path / "report" / "tiny_bench_cpu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    nothing = subprocess.run([sys.executable, "-m", "rmt_bench.report", str(tmp_path / "empty")], capture_output=True,
+                             text=True, env=env)  # fmt: skip
+    assert nothing.returncode == 2 and nothing.stderr.startswith("error: no benchmark.yaml")
