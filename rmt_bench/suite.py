@@ -105,10 +105,16 @@ def command(cell: Cell, root: Path, threads: int | None) -> list[str]:
     return [*cmd, f"hydra.run.dir={quote}{run_dir}{quote}"]
 
 
+def say(line: str) -> None:
+    """One whole line at once: cells started by worker threads must not split the progress lines."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def run_cell(cell: Cell, root: Path, threads: int | None) -> tuple[int, str]:
     """Runs one cell, its output in <run dir>/suite.log -> (exit status, the run's last line)."""
     d = cell.run_dir(root)
-    print(f"  {'resuming' if status(cell, root) == 'partial' else 'starting'} {cell.name} seed {cell.seed}", flush=True)
+    say(f"  {'resuming' if status(cell, root) == 'partial' else 'starting'} {cell.name} seed {cell.seed}")
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "suite.log", "a") as log:
         res = subprocess.run(command(cell, root, threads), stdout=log, stderr=subprocess.STDOUT)
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             if code:
                 failed.append(f"{c.name} seed {c.seed} (exit {code}): {last}")
             verdict = last if not code else f"FAILED (exit {code}; {c.run_dir(root) / 'suite.log'})"
-            print(f"[{done}/{total}] {minutes:.1f} min | {c.name} seed {c.seed} | {verdict}", flush=True)
+            say(f"[{done}/{total}] {minutes:.1f} min | {c.name} seed {c.seed} | {verdict}")
     exit_if_failed("cell(s)", failed)
 
 
