@@ -149,12 +149,13 @@ def hydra_main(dcfg: DictConfig) -> float:
         run_dir = Path(hc.runtime.output_dir)
         summary = run(cfg, run_dir, resume=cfg.resume)
     except Exception as exc:
-        if full_error or hc.mode != RunMode.MULTIRUN:
-            if full_error or not isinstance(exc, (ConfigError, CheckpointError)):
-                raise
+        known = isinstance(exc, (ConfigError, CheckpointError))  # one line; anything else is a bug: traceback
+        if full_error or (hc.mode != RunMode.MULTIRUN and not known):
+            raise
+        if hc.mode != RunMode.MULTIRUN:
             _fail(str(exc))
         # a sweep goes on: the job is reported (and listed again at the end), the next one runs
-        what = str(exc) if isinstance(exc, (ConfigError, CheckpointError)) else f"{type(exc).__name__}: {exc}"
+        what = str(exc) if known else f"{type(exc).__name__}: {exc}"
         line = f"job {hc.job.num} ({swept_dirname(hc.overrides.task)}) failed: {what}"
         FAILED_JOBS.append(line)
         print(f"error: {line}", file=sys.stderr, flush=True)

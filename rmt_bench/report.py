@@ -53,14 +53,14 @@ def table(bench_dir: Path, scale: str) -> tuple[str, list[dict]]:
     ]
     for row in rows.values():
         vals, paper = row["values"], row["paper"]
+        shown = "" if paper is None else paper
         if not vals:
-            lines.append(f"| {row['name']} | not run | | | 0 | {paper} | |")
+            lines.append(f"| {row['name']} | not run | | | 0 | {shown} | |")
             continue
-        mean = sum(vals) / len(vals)
-        row["mean"] = mean
+        row["mean"] = mean = sum(vals) / len(vals)
         diff = "" if paper is None else f"{mean - paper:+.3f}"
         lines.append(
-            f"| {row['name']} | **{mean:.4f}** | {min(vals):.4f} | {max(vals):.4f} | {len(vals)} | {paper} | {diff} |"
+            f"| {row['name']} | **{mean:.4f}** | {min(vals):.4f} | {max(vals):.4f} | {len(vals)} | {shown} | {diff} |"
         )
     return "\n".join(lines) + "\n", list(rows.values())
 

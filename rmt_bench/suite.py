@@ -30,7 +30,6 @@ import yaml
 
 _PACKAGED = Path(__file__).resolve().parent / "benchmarks"  # tasks/, inside an installed wheel
 BENCHMARK_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "tasks"
-SCALES = ("cpu", "paper")
 CELL_KEYS_RESERVED = ("paper", "extra")  # a cell's paper number; its overrides per scale
 
 

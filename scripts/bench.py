@@ -31,6 +31,7 @@ from rmt_bench.tasks import build_task
 from rmt_bench.train.loop import autocast_factory
 
 sys.path.insert(0, str(Path(__file__).parent))
+from peers import MODELS as PEER_MODELS  # noqa: E402
 from peers import bench_peers  # noqa: E402
 
 SIZES = {"reverse": dict(n_layer=4, d_model=128, n_head=4, d_head=64, d_inner=256)}
@@ -211,7 +212,7 @@ def main() -> None:
         "peers", help="ours vs recurrent-memory-transformer-pytorch and x-transformers (scripts/peers.py)"
     )
     p.add_argument("--configs", nargs="+", choices=["reverse", "wide"], default=["reverse", "wide"])
-    p.add_argument("--models", nargs="+", default=["rmt", "rmt-peer", "vanilla", "vanilla-peer", "xl", "xl-peer"])
+    p.add_argument("--models", nargs="+", choices=PEER_MODELS, default=PEER_MODELS)
     p.add_argument("--post-ln", action="store_true", help="also our models with the paper's post-LN backbone")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="for all models (bf16: autocast)")

@@ -1,11 +1,12 @@
 """`trainer.precision=auto`: bf16 autocast where it trains faster than fp32, decided by a measurement.
 
-On a CPU the answer depends on the matrix units, the size of the model and the overhead of the casts (on a
-2-core Xeon with AMX, bf16 autocast trains the paper's reverse model 1.6x faster; on one without AMX it was
-1.4x slower), so no flag decides it: the first run on a machine times a training step of a paper-sized rmt in
-both precisions (a few seconds) and caches the answer, keyed by the CPU, the torch version and the thread
-count, in `$RMT_BENCH_CACHE` (default `~/.cache/rmt-bench`)/precision.json. Delete the file to measure again.
-On CUDA, auto is bf16 where the device supports it.
+On a CPU the answer depends on the matrix units, the size of the model and the overhead of the casts (on 2 cores
+of a Xeon whose AMX torch uses, a bf16-autocast training step of the paper's reverse model is 1.43x faster than
+fp32; on a host reporting the same CPU model without usable AMX it was 1.45x slower), so no flag decides it: the
+first run on a machine times a training step of a paper-sized rmt in both precisions (a few seconds) and caches
+the answer, keyed by the CPU, the torch version and the thread count, in `$RMT_BENCH_CACHE` (default
+`~/.cache/rmt-bench`)/precision.json. Delete the file to measure again. On CUDA, auto is bf16 where the device
+supports it.
 """
 
 from __future__ import annotations
