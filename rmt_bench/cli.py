@@ -27,6 +27,7 @@ from rmt_bench.config import (
     TaskConfig,
     TrainerConfig,
     check_mem,
+    config_hash,
     from_dict,
 )
 from rmt_bench.train.checkpoint import CheckpointError
@@ -105,6 +106,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
             "task": cfg.task.name,
             "model": cfg.model.name,
             "arch": cfg.model.arch,
+            "scale": cfg.scale,
+            "config_hash": config_hash(cfg),
             "mem": cfg.mem,
             "segments": cfg.task.segments,
             "seed": cfg.seed,
@@ -168,7 +171,9 @@ def hydra_main(dcfg: DictConfig) -> float:
 
 # ---------------------------------------------------------------- command-line checks before Hydra runs
 def _group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+    return sorted(
+        p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml") if not p.stem.startswith("_")
+    )  # _base: not a choice
 
 
 def precheck(args: list[str]) -> None:

@@ -6,7 +6,9 @@ Every check raises `ConfigError(key, message)`, which the CLI prints as one line
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
 
 MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
 ARCHS = ("paper", "trainable")  # backbone styles: configs/arch/*.yaml set pre_lnorm and init_std
@@ -278,9 +280,30 @@ class RunConfig:
     seed: int = 0
     mem: int = 0
     resume: bool = False  # continue from checkpoint.pt in the run dir (set hydra.run.dir to the old run)
+    scale: str | None = None  # the benchmark scale of a suite cell (cpu | paper): a label kept in summary.json
 
     def __post_init__(self) -> None:
         check_mem(self.mem)
+
+
+# Keys that do not change what a run computes, or that differ between the seeds of one cell: left out of its hash.
+HASH_EXCLUDED = ("seed", "resume", "scale", "logger", "trainer.device", "trainer.num_threads", "task.data_dir",
+                 "task.cache_dir")  # fmt: skip
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """12 hex digits naming the cell's configuration: equal for the seeds of one cell, different when any key
+    that shapes the run (model, backbone, task, schedule, budget, evaluation) differs. summary.json keeps it and
+    rmt-bench-report pools only runs that share it."""
+    data = asdict(cfg)
+    for key in HASH_EXCLUDED:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def check_mem(mem) -> None:

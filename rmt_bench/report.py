@@ -2,18 +2,22 @@
 
     rmt-bench-report suite/                      # every benchmark and scale found under suite/
     rmt-bench-report suite/reverse_fig3 --out docs/results
+    rmt-bench-report suite/ --wandb offline      # also into a W&B run (job type "report"): tables and figures
 
 It reads only files (no W&B server): each benchmark directory written by `rmt-bench-suite` holds its
 `benchmark.yaml` (the cells and the paper's numbers) and, per scale, per cell, per seed, the run's summary.json.
 Per benchmark and scale it writes `<benchmark>_<scale>.md` (ours: mean, min and max over seeds and the number of
 runs; the paper's number; cells not run marked) and `<benchmark>_<scale>.png` (the headline metric against the
-figure's x axis, one line per model, the paper's numbers dashed), and prints the tables.
+figure's x axis, one line per series, the paper's numbers dashed: accuracy against segments, perplexity or bpc
+against memory size), and prints the tables. Runs are pooled by the config hash their summary.json records: runs
+of one cell made with different configurations (an edited benchmark file, other overrides) get a row each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,39 +34,70 @@ def find_benchmarks(paths: list[Path]) -> list[Path]:
     return sorted(set(found))
 
 
+def series_label(spec: dict, series: str | list[str] | None) -> str:
+    """A cell's line in the figure: the value of the first series key, then `key value` for the others."""
+    keys = [series] if isinstance(series, str) else list(series or [])
+    parts = [str(spec.get(keys[0], ""))] if keys else [""]
+    parts += [f"{k.rsplit('.', 1)[-1]} {spec[k]}" for k in keys[1:] if k in spec]
+    return ", ".join(parts)
+
+
+def fmt(value: float) -> str:
+    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"  # perplexities: 2 decimals; accuracy, bpc: 4
+
+
+def collect(bench_dir: Path, data: dict, scale: str) -> list[dict]:
+    """One row per cell and configuration: its runs' headline values, the paper's number, x and series."""
+    metric, rows = data["metric"], []
+    by_cell: dict[str, tuple] = {}
+    for cell in cells(data, scale):
+        _, groups = by_cell.setdefault(cell.name, (cell, {}))
+        path = cell.run_dir(bench_dir / scale) / "summary.json"
+        if path.exists():
+            summary = json.loads(path.read_text())
+            groups.setdefault(summary.get("config_hash", ""), []).append(summary)
+    for cell, groups in by_cell.values():
+        base = {"name": cell.name, "paper": cell.paper, "x": cell.keys.get(data.get("x"), cell.name),
+                "series": series_label(cell.keys, data.get("series")), "hash": "", "runs": []}  # fmt: skip
+        if not groups:
+            rows.append(base | {"values": []})
+        for config, runs in sorted(groups.items()):
+            values = [r[metric] for r in runs]
+            rows.append(base | {"hash": config, "runs": runs, "values": values, "mean": sum(values) / len(values)})
+    return rows
+
+
 def table(bench_dir: Path, scale: str) -> tuple[str, list[dict]]:
     """-> the Markdown table of one benchmark at one scale, and its rows (for the figure)."""
     data = yaml.safe_load((bench_dir / "benchmark.yaml").read_text())
-    metric = data["metric"]
-    rows = {}
-    for cell in cells(data, scale):
-        row = rows.setdefault(cell.name, {"name": cell.name, "paper": cell.paper, "values": []})
-        summary = cell.run_dir(bench_dir / scale) / "summary.json"
-        if summary.exists():
-            row["values"].append(json.loads(summary.read_text())[metric])
-    x, series = data.get("x"), data.get("series")
-    for spec, row in zip(data["cells"], rows.values()):
-        row["x"], row["series"] = spec.get(x, row["name"]), spec.get(series, "")
+    rows = collect(bench_dir, data, scale)
+    runs = [r for row in rows for r in row["runs"]]
+    seen = {key: sorted({str(r.get(key)) for r in runs}) for key in ("arch", "precision")}
+    better = "higher" if data.get("higher_is_better", True) else "lower"
     lines = [
         f"### {data.get('title', bench_dir.name)} ({scale} scale)",
         "",
-        f"`{metric}`, ours over seeds {data['seeds']} beside the paper's number.",
+        f"`{data['metric']}` ({better} is better), ours over seeds {data['seeds']} beside the paper's number; "
+        f"backbone style {', '.join(seen['arch']) or '-'}, precision {', '.join(seen['precision']) or '-'}.",
         "",
         "| cell | ours (mean) | min | max | runs | paper | ours - paper |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in rows.values():
+    split = {r["name"] for r in rows if sum(o["name"] == r["name"] for o in rows) > 1}
+    for row in rows:
         vals, paper = row["values"], row["paper"]
         shown = "" if paper is None else paper
+        label = f"{row['name']} (config {row['hash'] or 'unrecorded'})" if row["name"] in split else row["name"]
         if not vals:
-            lines.append(f"| {row['name']} | not run | | | 0 | {shown} | |")
+            lines.append(f"| {label} | not run | | | 0 | {shown} | |")
             continue
-        row["mean"] = mean = sum(vals) / len(vals)
-        diff = "" if paper is None else f"{mean - paper:+.3f}"
-        lines.append(
-            f"| {row['name']} | **{mean:.4f}** | {min(vals):.4f} | {max(vals):.4f} | {len(vals)} | {shown} | {diff} |"
-        )
-    return "\n".join(lines) + "\n", list(rows.values())
+        diff = "" if paper is None else f"{row['mean'] - paper:+.3f}"
+        spread = f"{fmt(min(vals))} | {fmt(max(vals))} | {len(vals)}"
+        lines.append(f"| {label} | **{fmt(row['mean'])}** | {spread} | {shown} | {diff} |")
+    if split:
+        names = ", ".join(sorted(split))
+        lines += ["", f"Cells run with more than one configuration (a row per config hash, not pooled): {names}."]
+    return "\n".join(lines) + "\n", rows
 
 
 def figure(rows: list[dict], title: str, xlabel: str, ylabel: str, path: Path) -> None:
@@ -71,17 +106,23 @@ def figure(rows: list[dict], title: str, xlabel: str, ylabel: str, path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    numeric = all(isinstance(r["x"], (int, float)) for r in rows)
+    key = (lambda r: r["x"]) if numeric else (lambda r: 0)  # numbers in order; names in the file's order
+    place = (lambda r: r["x"]) if numeric else (lambda r: str(r["x"]))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for i, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
-        mine = [r for r in rows if r["series"] == series]
+        mine = sorted((r for r in rows if r["series"] == series), key=key)
         color = f"C{i}"
         done = [r for r in mine if "mean" in r]
         if done:
-            ax.plot([str(r["x"]) for r in done], [r["mean"] for r in done], "o-", color=color, label=f"{series} (ours)")
-        paper = [r for r in mine if r["paper"] is not None]
+            ax.plot([place(r) for r in done], [r["mean"] for r in done], "o-", color=color, label=f"{series} (ours)")
+        paper = list({place(r): r for r in mine if r["paper"] is not None}.values())
         if paper:
-            ax.plot([str(r["x"]) for r in paper], [r["paper"] for r in paper], "x--", color=color, alpha=0.6,
+            ax.plot([place(r) for r in paper], [r["paper"] for r in paper], "x--", color=color, alpha=0.6,
                     label=f"{series} (paper)")  # fmt: skip
+    xs = [r["x"] for r in rows if numeric and r["x"] > 0]
+    if xs and max(xs) / min(xs) > 10:  # memory sizes from 1 to 200: a log axis that keeps 0
+        ax.set_xscale("symlog", linthresh=1)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -90,25 +131,54 @@ def figure(rows: list[dict], title: str, xlabel: str, ylabel: str, path: Path) -
     plt.close(fig)
 
 
+def log_to_wandb(made: list[tuple[str, str, list[dict], Path]], out: Path, mode: str) -> str:
+    """Each table (a wandb.Table, plus the Markdown) and figure (a wandb.Image) into one run of job type "report"."""
+    import wandb
+
+    run = wandb.init(project="rmt-bench", job_type="report", dir=str(out), mode=mode,
+                     settings=wandb.Settings(silent=True, console="off"))  # fmt: skip
+    for stem, text, rows, png in made:
+        columns = ["cell", "series", "x", "config_hash", "ours_mean", "ours_min", "ours_max", "runs", "paper"]
+        cells = wandb.Table(columns=columns)
+        for r in rows:
+            vals = r["values"]
+            cells.add_data(r["name"], r["series"], str(r["x"]), r["hash"], r.get("mean"), min(vals, default=None),
+                           max(vals, default=None), len(vals), r["paper"])  # fmt: skip
+        run.log({f"{stem}/table": cells, f"{stem}/figure": wandb.Image(str(png)), f"{stem}/markdown": wandb.Html(
+            f"<pre>{text}</pre>")})  # fmt: skip
+    where = Path(run.dir).parent  # the run's directory (files/ holds the media)
+    run.finish()
+    return str(where)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rmt-bench-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="suite output directories (or benchmark directories)")
     parser.add_argument("--out", type=Path, default=Path("report"), help="where the .md and .png files go")
+    parser.add_argument("--wandb", choices=("offline", "online", "disabled"),
+                        default=os.environ.get("WANDB_MODE", "disabled"),
+                        help="also log tables and figures to W&B (default: $WANDB_MODE, else disabled)")  # fmt: skip
     args = parser.parse_args(argv)
     benches = find_benchmarks(args.dirs)
     if not benches:
         print(f"error: no benchmark.yaml under {', '.join(map(str, args.dirs))} (run rmt-bench-suite)", file=sys.stderr)
         sys.exit(2)
     args.out.mkdir(parents=True, exist_ok=True)
+    made = []
     for bench in benches:
         data = yaml.safe_load((bench / "benchmark.yaml").read_text())
         for scale in [s for s in data["scales"] if (bench / s).is_dir()]:
             text, rows = table(bench, scale)
             stem = f"{bench.name}_{scale}"
             (args.out / f"{stem}.md").write_text(text)
-            figure(rows, f"{bench.name} ({scale})", data.get("x", "cell"), data["metric"], args.out / f"{stem}.png")
+            png = args.out / f"{stem}.png"
+            figure(rows, f"{bench.name} ({scale})", str(data.get("x", "cell")), data["metric"], png)
+            made.append((stem, text, rows, png))
             print(text)
-            print(f"-> {args.out / stem}.md, {args.out / stem}.png\n")
+            print(f"-> {args.out / stem}.md, {png}\n")
+    if args.wandb != "disabled":
+        where = log_to_wandb(made, args.out, args.wandb)
+        print(f"-> W&B ({args.wandb}): {where}" + (f" (upload: wandb sync {where})" if args.wandb == "offline" else ""))
 
 
 if __name__ == "__main__":

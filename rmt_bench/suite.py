@@ -43,6 +43,7 @@ class Cell:
     overrides: list[str]  # base + scale + the cell's, without seed and run dir
     seed: int
     paper: float | None
+    keys: dict  # the cell's own keys and values, as in the benchmark file
 
     def run_dir(self, root: Path) -> Path:
         return root / self.name / f"seed{self.seed}"
@@ -69,20 +70,50 @@ def load(name: str) -> tuple[str, dict]:
     return path.stem, data
 
 
-def cells(data: dict, scale: str) -> list[Cell]:
-    """Every (cell, seed) of the benchmark at `scale`."""
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def cells(data: dict, scale: str, extra: list[str] = ()) -> list[Cell]:
+    """Every (cell, seed) of the benchmark at `scale`; `extra` overrides (the command line's) come last and replace
+    any override of the same key (e.g. `trainer.device=cuda`, `task.data_dir=DIR`)."""
     if scale not in data["scales"]:
         raise SuiteError(f"--scale {scale}: not in this benchmark; choose one of: {', '.join(data['scales'])}")
     out = []
     for spec in data["cells"]:
         own = {k: v for k, v in spec.items() if k not in CELL_KEYS_RESERVED}
         name = ",".join(f"{k}={v}" for k, v in own.items()).replace("/", "_")
-        # base, then the scale's, then the cell's extras for the scale (replacing the scale's for the same key)
-        scale_overrides = {o.split("=", 1)[0]: o for o in data["scales"][scale]}
-        scale_overrides |= {o.split("=", 1)[0]: o for o in (spec.get("extra") or {}).get(scale, [])}
-        overrides = [*data.get("base", []), *scale_overrides.values(), *(f"{k}={v}" for k, v in own.items())]
-        out += [Cell(name, overrides, seed, spec.get("paper")) for seed in data["seeds"]]
+        # base, the scale's, the cell's extras for the scale, the cell's keys, the command line's: the last one of
+        # a key wins (Hydra would refuse the same key twice)
+        layers = [
+            data.get("base", []), data["scales"][scale], (spec.get("extra") or {}).get(scale, []),
+            [f"{k}={_value(v)}" for k, v in own.items()], [f"scale={scale}"], list(extra),
+        ]  # fmt: skip
+        merged = {}
+        for override in (o for layer in layers for o in layer):
+            merged.pop(_key(override), None)
+            merged[_key(override)] = override
+        out += [Cell(name, list(merged.values()), seed, spec.get("paper"), own) for seed in data["seeds"]]
     return out
+
+
+def _value(v) -> str:
+    """A cell's value as Hydra reads it back: lists as [a,b], the rest as written."""
+    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v)
+
+
+def select(todo: list[Cell], data: dict, only: list[str]) -> list[Cell]:
+    """The cells whose keys match every `KEY=V1,V2` of --only (e.g. `task.segments=3,6`)."""
+    keys = {k for spec in data["cells"] for k in spec if k not in CELL_KEYS_RESERVED}
+    for item in only:
+        key, sep, values = item.partition("=")
+        if not sep or key not in keys:
+            raise SuiteError(f"--only {item}: expected KEY=V1[,V2...] with KEY one of: {', '.join(sorted(keys))}")
+        allowed = set(values.split(","))
+        todo = [c for c in todo if str(c.keys.get(key)) in allowed]
+    if not todo:
+        raise SuiteError(f"--only {' '.join(only)}: no cell matches")
+    return todo
 
 
 def status(cell: Cell, root: Path) -> str:
@@ -124,12 +155,18 @@ def run_cell(cell: Cell, root: Path, threads: int | None) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rmt-bench-suite", description=__doc__.split("\n\n")[0])
     parser.add_argument("benchmark", nargs="?", help="a name from tasks/ (see --list) or a path")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for every cell, last word on their keys (task.data_dir=DIR)"
+    )
     parser.add_argument("--scale", default="cpu", help="cpu (minutes per cell) or paper (the paper's schedule)")
     parser.add_argument("--out", default="suite", help="root of the cell directories (default: ./suite)")
     parser.add_argument("--jobs", type=int, default=1, help="cells side by side; the CPU threads split between them")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="KEY=V1,V2", help="run only the cells with these values"
+    )
     parser.add_argument("--list", action="store_true", help="the benchmarks and their cells, then exit")
     parser.add_argument("--dry-run", action="store_true", help="print each cell's command and status, run nothing")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     try:
         if args.list or not args.benchmark:
             for name in available():
@@ -139,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.jobs < 1:
             raise SuiteError(f"--jobs {args.jobs}: must be >= 1")
         name, data = load(args.benchmark)
-        todo = cells(data, args.scale)
+        todo = cells(data, args.scale, args.overrides)
+        todo = select(todo, data, args.only) if args.only else todo
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -155,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     pending = [c for c in todo if status(c, root) != "finished"]
     total = len(todo)
+    if data.get("note"):
+        print(f"{name}: {data['note']}")
     print(f"{name} ({args.scale}): {total} cells, {total - len(pending)} finished, {len(pending)} to run -> {root}")
     if args.dry_run:
         for c in todo:

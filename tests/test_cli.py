@@ -19,7 +19,9 @@ GROUPS = ("task", "model", "backbone", "arch", "trainer", "logger")
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+    return sorted(
+        p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml") if not p.stem.startswith("_")
+    )  # _base: not a choice
 
 
 def compose_cfg(overrides: list[str]):
@@ -57,11 +59,53 @@ def test_every_task_and_model_composes_and_builds(tmp_path, task, model):
     assert sum(p.numel() for p in built.parameters()) > 0
 
 
-@pytest.mark.parametrize("group", ["backbone", "arch", "trainer", "logger"])
+@pytest.mark.parametrize("group", ["backbone", "arch", "trainer", "logger", "experiment"])
 def test_every_other_config_composes(group):
     for option in options(group):
         cfg = to_run_config(compose_cfg([f"{group}={option}"]))
         assert cfg is not None
+
+
+@pytest.mark.parametrize("group", ["backbone", "model", "trainer"])
+def test_presets_are_deltas_of_one_base_file(group):
+    """Every preset of the group starts from its `_base.yaml` (directly or through another preset) and sets only
+    keys that the base has: a full copy, or a key the base lacks, fails here."""
+    import yaml
+
+    folder = Path(CONFIG_DIR) / group
+    base = yaml.safe_load((folder / "_base.yaml").read_text())
+    base = base.get(group, base)  # trainer/_base.yaml is `_global_`: its keys sit under `trainer:`
+    for option in options(group):
+        data = yaml.safe_load((folder / f"{option}.yaml").read_text()) or {}
+        parents = [d for d in data.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+        assert parents and all(p == "_base" or p in options(group) for p in parents), option
+        own = data.get(group, data) if group == "trainer" else data
+        keys = set(own) - {"defaults", "model"}
+        assert keys <= set(base), (option, keys - set(base))
+        assert len(keys) < len(base), (option, "a full copy of the base")
+
+
+def test_the_trainer_base_holds_the_papers_schedule():
+    """PAPER.md, algorithmic tasks: Adam, lr 1e-4 constant, halved on plateau, clip 0.25, batch 32."""
+    t = to_run_config(compose_cfg(["trainer=paper"])).trainer
+    assert (t.optimizer, t.lr, t.schedule, t.plateau_factor, t.grad_clip, t.batch_size, t.max_steps) == (
+        "adam",
+        1e-4,
+        "plateau",
+        0.5,
+        0.25,
+        32,
+        250_000,
+    )
+    lm = to_run_config(compose_cfg(["trainer=lm_paper", "task=wikitext103"])).trainer
+    assert (lm.optimizer, lm.lr, lm.schedule, lm.grad_clip, lm.batch_size, lm.max_steps) == (
+        "adam",
+        2.5e-4,
+        "cosine",
+        0.25,
+        60,
+        200_000,
+    )
 
 
 def test_paper_sizes_per_task():

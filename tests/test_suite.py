@@ -4,26 +4,57 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
 
 from rmt_bench import suite
-from rmt_bench.cli import invalid_jobs
+from rmt_bench.cli import CONFIG_DIR, invalid_jobs
 from tests.conftest import ROOT, TINY
 
 
 @pytest.mark.parametrize("name", suite.available())
 def test_every_benchmark_composes_and_validates_at_every_scale(name):
     _, data = suite.load(name)
-    assert set(data["scales"]) == {"cpu", "paper"} and data["metric"] == "test/acc"
+    assert set(data["scales"]) == {"cpu", "paper"}
+    lower = {"test/acc": False, "test/ppl": True, "test/bpc": True}[data["metric"]]
+    assert data["higher_is_better"] is not lower
+    # the figure's setting is a Hydra experiment config (configs/experiment/), which a user can run alone
+    experiment = next(o.split("=", 1)[1] for o in data["base"] if o.startswith("experiment="))
+    assert (Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml").is_file()
     for scale in data["scales"]:
         cells = suite.cells(data, scale)
         assert invalid_jobs([(c.overrides + [f"seed={c.seed}"], c.name) for c in cells]) == []
         assert len({c.name for c in cells}) == len(data["cells"])  # one directory per cell
-        assert all(c.paper is not None and 0.0 <= c.paper <= 1.0 for c in cells)
+        assert all(f"scale={scale}" in c.overrides for c in cells)
+        papers = [c.paper for c in cells if c.paper is not None]
+        assert all(0.0 <= p <= 1.0 for p in papers) if data["metric"] == "test/acc" else all(p > 1 for p in papers)
+
+
+def test_the_lm_tables_hold_the_papers_numbers_and_say_the_cpu_scale_is_a_smoke_run():
+    _, wt = suite.load("wikitext103_table2")
+    ppl = {(c["model"], c["task.segment_len"], c["mem"], c.get("model.bptt_depth")): c["paper"] for c in wt["cells"]}
+    assert ppl[("xl", 150, 150, None)] == 24.12 and ppl[("rmt", 150, 10, 3)] == 25.04
+    assert ppl[("vanilla", 50, 0, None)] == 39.05 and ppl[("rmt", 50, 1, 1)] == 28.71 and len(ppl) == 16
+    _, e8 = suite.load("enwik8_table4")
+    bpc = {(c["model"], c["mem"]): c["paper"] for c in e8["cells"]}
+    assert bpc[("xl", 200)] == 1.140 and bpc[("rmt", 20)] == 1.222 and len(bpc) == 8
+    assert all("smoke run" in d["note"] for d in (wt, e8))
+
+
+def test_experiment_configs_set_the_papers_setting_and_the_command_line_wins():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=long_copy_segment120", "model=rmt"])
+        assert (cfg.task.name, cfg.task.length, cfg.task.segments, cfg.mem) == ("copy", 120, 3, 60)
+        assert cfg.model.num_mem_tokens == 60 and cfg.model.n_layer == 4  # the copy backbone, through ${task}
+        cfg = compose(config_name="config", overrides=["experiment=table2_wikitext103", "mem=5", "task.segment_len=50"])
+        assert (cfg.task.name, cfg.task.segment_len, cfg.mem, cfg.trainer.lr) == ("wikitext103", 50, 5, 0.00025)
+        assert (cfg.model.n_layer, cfg.model.arch) == (16, "paper")  # the paper's backbone with its schedule
 
 
 def test_the_benchmarks_hold_the_papers_fig3_numbers():
@@ -60,7 +91,9 @@ def test_cells_run_once_in_stable_directories_and_a_partial_cell_resumes(tmp_pat
     root = tmp_path / "out" / "tiny_bench" / "cpu"
     summaries = {p.parent.parent.name: p for p in root.rglob("summary.json")}
     assert set(summaries) == {"model=vanilla", "model=rmt,mem=2"}
-    assert json.loads(summaries["model=rmt,mem=2"].read_text())["model"] == "rmt"
+    summary = json.loads(summaries["model=rmt,mem=2"].read_text())
+    assert summary["model"] == "rmt" and summary["scale"] == "cpu" and summary["arch"] == "trainable"
+    assert len(summary["config_hash"]) == 12 and int(summary["config_hash"], 16) >= 0
     assert "[2/2]" in res.stdout
     stamp = summaries["model=vanilla"].stat().st_mtime_ns
     summaries["model=rmt,mem=2"].unlink()  # a cell that has only its checkpoint
@@ -123,3 +156,74 @@ def test_the_report_puts_each_cell_beside_the_paper(tmp_path):
     nothing = subprocess.run([sys.executable, "-m", "rmt_bench.report", str(tmp_path / "empty")], capture_output=True,
                              text=True, env=env)  # fmt: skip
     assert nothing.returncode == 2 and nothing.stderr.startswith("error: no benchmark.yaml")
+
+
+def run_report(*args):
+    env = os.environ | {"PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
+    env.pop("WANDB_MODE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "rmt_bench.report", *map(str, args)], capture_output=True, text=True, env=env
+    )
+
+
+def test_only_selects_cells_and_command_line_overrides_win(tmp_path):
+    res = run_suite("wikitext103_table2", "--only", "model=xl", "--only", "task.segment_len=50", "--dry-run",
+                    "trainer.device=cuda", "model.div_val=2", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    listed = [line for line in res.stdout.splitlines() if line.startswith("[new]")]
+    assert len(listed) == 4 and all("model=xl" in line and "task.segment_len=50" in line for line in listed)
+    assert all(line.count("model.div_val=") == 1 and "model.div_val=2" in line for line in listed)
+    assert all(line.endswith("'") and "trainer.device=cuda" in line for line in listed)
+    bad = run_suite("wikitext103_table2", "--only", "model.n_layer=2", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --only model.n_layer=2: expected KEY=V1[,V2...]")
+    none = run_suite("wikitext103_table2", "--only", "model=nope", cwd=tmp_path)
+    assert none.returncode == 2 and none.stderr.strip() == "error: --only model=nope: no cell matches"
+
+
+def test_summary_hash_pools_seeds_of_one_config_and_the_report_splits_the_rest(tmp_path):
+    bench = write_benchmark(tmp_path, [{"model": "vanilla", "paper": 0.1}])
+    data = yaml.safe_load(bench.read_text()) | {"seeds": [0, 1]}
+    bench.write_text(yaml.safe_dump(data))
+    assert run_suite(bench, "--out", tmp_path / "out", cwd=tmp_path).returncode == 0
+    cell = tmp_path / "out" / "tiny_bench" / "cpu" / "model=vanilla"
+    hashes = [json.loads((cell / f"seed{k}" / "summary.json").read_text())["config_hash"] for k in (0, 1)]
+    assert hashes[0] == hashes[1]  # seeds of one cell share it
+    res = run_report(tmp_path / "out", "--out", tmp_path / "r1")
+    assert "| model=vanilla | **" in res.stdout and "| 2 | 0.1 |" in res.stdout, res.stdout + res.stderr
+    # seed 1 again, with another learning rate given on the suite's command line: another configuration
+    shutil.rmtree(cell / "seed1")
+    res = run_suite(bench, "--out", tmp_path / "out", "trainer.lr=0.01", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    other = json.loads((cell / "seed1" / "summary.json").read_text())["config_hash"]
+    assert other != hashes[0]
+    text = run_report(tmp_path / "out", "--out", tmp_path / "r2").stdout
+    rows = [line for line in text.splitlines() if line.startswith("| model=vanilla (config ")]
+    assert len(rows) == 2 and all("| 1 | 0.1 |" in r for r in rows), text
+    assert {hashes[0], other} == {r.split("(config ")[1].split(")")[0] for r in rows}
+    assert "not pooled): model=vanilla." in text
+
+
+def test_an_lm_table_runs_as_a_smoke_run_on_given_data_and_reports_perplexity(tmp_path):
+    from tests.test_wikitext import write_wikitext
+
+    data = write_wikitext(tmp_path / "wt")
+    tiny = [f"task.data_dir={data}", f"task.cache_dir={tmp_path / 'cache'}", "model.adaptive_cutoffs=[]",
+            "backbone=tiny", "logger=none", "trainer.precision=fp32", "trainer.max_minutes=null",
+            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=4"]  # fmt: skip
+    only = ["--only", "model=rmt,vanilla", "--only", "task.segment_len=50"]
+    res = run_suite("wikitext103_table2", "--out", tmp_path / "out", *only, *tiny, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "smoke run on your data" in res.stdout and "[3/3]" in res.stdout
+    res = run_report(tmp_path / "out", "--out", tmp_path / "report", "--wandb", "offline")
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "report" / "wikitext103_table2_cpu.md").read_text()
+    assert "`test/ppl` (lower is better)" in text and "not run" in text
+    summary = json.loads(
+        (tmp_path / "out/wikitext103_table2/cpu/model=rmt,task.segment_len=50,mem=10,model.bptt_depth=3/seed0"
+         "/summary.json").read_text()
+    )  # fmt: skip
+    row = next(line for line in text.splitlines() if line.startswith("| model=rmt,task.segment_len=50,mem=10,"))
+    assert f"**{summary['test/ppl']:.2f}**" in row and "| 26.37 |" in row
+    assert (tmp_path / "report" / "wikitext103_table2_cpu.png").read_bytes()[:4] == b"\x89PNG"
+    media = list((tmp_path / "report" / "wandb").glob("offline-run-*/files/media/**/*"))
+    assert {p.suffix for p in media if p.is_file()} >= {".json", ".png", ".html"}, media
