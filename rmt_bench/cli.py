@@ -97,7 +97,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
         torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, device)
-    model = build_model(cfg.model, task.vocab_size)
+    model = build_model(cfg.model, task.vocab_size, task.pad_front)
     logger = RunLogger(cfg.logger, run_dir, asdict(cfg))
     exit_code = 1
     try:
@@ -120,14 +120,17 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 
 
 def headline(summary: dict) -> str:
-    """The task's main metric: greedy answer accuracy, perplexity or bits per character."""
-    return next(k for k in ("acc", "ppl", "bpc") if f"test/{k}" in summary)
+    """The task's main metric: the final answer's exact match (quadratic), greedy answer accuracy, perplexity or
+    bits per character."""
+    return next(k for k in ("final_exact", "acc", "ppl", "bpc") if f"test/{k}" in summary)
 
 
 def summary_line(s: dict) -> str:
     key = headline(s)
     test = f"test {key} {s[f'test/{key}']:.4f}"
-    if key == "acc":
+    if key == "final_exact":
+        test += f" acc {s['test/acc']:.4f}"
+    if key in ("acc", "final_exact"):
         test += f" (greedy) acc_tf {s['test/acc_tf']:.4f} exact {s['test/exact']:.4f}"
     if "test_memory_reset/acc" in s:
         test += f" | memory reset: acc {s['test_memory_reset/acc']:.4f}"

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
 ARCHS = ("paper", "trainable")  # backbone styles: configs/arch/*.yaml set pre_lnorm and init_std
-ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval")
+ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval", "quadratic")
 LM_TASKS = ("wikitext103", "enwik8")
 LEVELS = ("word", "char")
 OPTIMIZERS = ("adam", "adamw")
@@ -137,7 +137,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """An algorithmic task of the paper (Sec. 4): copy, reverse, associative retrieval."""
+    """An algorithmic task of the paper (Sec. 4): copy, reverse, associative retrieval, quadratic equations."""
 
     name: str = "reverse"
     length: int = 24  # symbols in X (copy, reverse)
@@ -158,6 +158,8 @@ class TaskConfig:
         _at_least("task.train_size", self.train_size, 1)
         _at_least("task.valid_size", self.valid_size, 1)
         _at_least("task.test_size", self.test_size, 1)
+        if self.name == "retrieval":  # padded at the front to split evenly (the query stays in the last segment)
+            _in_range("task.segments", self.segments, 1, self.unpadded_len)
         total = self.seq_len
         if total % self.segments:
             divisors = [str(d) for d in range(1, total + 1) if total % d == 0]
@@ -168,9 +170,20 @@ class TaskConfig:
             )
 
     @property
+    def unpadded_len(self) -> int:
+        """Input length after the one-token shift: copy 3L, reverse 2L, retrieval 2*pairs + 2, quadratic 6 x 30."""
+        lengths = {"copy": 3 * self.length, "reverse": 2 * self.length, "quadratic": 180}
+        return lengths.get(self.name, 2 * self.num_pairs + 2)
+
+    @property
+    def pad_front(self) -> int:
+        """Padding tokens in front of a retrieval sequence so that `segments` divide it (10 tokens in 3 or 4
+        segments: 2), masked out of attention and the loss; 0 for the other tasks and for divisors."""
+        return -self.unpadded_len % self.segments if self.name == "retrieval" else 0
+
+    @property
     def seq_len(self) -> int:
-        """Input length after the one-token shift: copy 3L, reverse 2L, retrieval 2*pairs + 2."""
-        return {"copy": 3 * self.length, "reverse": 2 * self.length}.get(self.name, 2 * self.num_pairs + 2)
+        return self.unpadded_len + self.pad_front
 
     @property
     def segment_len(self) -> int:

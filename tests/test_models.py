@@ -199,7 +199,7 @@ def prefix_rerun_greedy(model, inputs, answer):
     """The reference decoder (the project's first): for every answer position, re-run the segment's prefix
     filled so far, without the write block; then the whole segment once to carry the state."""
     inputs, answer = inputs.clone(), answer.bool()
-    preds, state = torch.empty_like(inputs), SegmentState()
+    preds, state = torch.empty_like(inputs), model.initial_state()
     for s in range(inputs.shape[1]):
         tok = inputs[:, s]
         if s > 0:
@@ -224,13 +224,15 @@ CACHED_DECODING_MODELS = [
 ]
 
 
+@pytest.mark.parametrize("pad", [0, 2, 8], ids=lambda p: f"pad{p}")
 @pytest.mark.parametrize(("name", "switches"), CACHED_DECODING_MODELS, ids=lambda x: str(x))
-def test_cached_greedy_decoding_equals_prefix_reruns(name, switches):
+def test_cached_greedy_decoding_equals_prefix_reruns(name, switches, pad):
     """Key/value-cached decoding gives the prefix re-run's predictions and inputs, and each decoded segment's
     hidden states and carried state equal one forward pass of `segment` on its filled tokens (1e-5, fp32).
-    Answers of different lengths per example, crossing segment borders, plus a lone answer position."""
+    Answers of different lengths per example, crossing segment borders, plus a lone answer position; with
+    front padding inside the first segment and across it."""
     torch.manual_seed(0)
-    model = build_model(tiny_model(name, **switches), VOCAB).eval()
+    model = build_model(tiny_model(name, **switches), VOCAB, pad_front=pad).eval()
     x = tokens(b=5, s=3, n=6, seed=3)
     answer = torch.zeros(x.shape, dtype=torch.bool)
     flat = answer.view(5, -1)
@@ -240,10 +242,54 @@ def test_cached_greedy_decoding_equals_prefix_reruns(name, switches):
     preds, used = generate_greedy(model, x, answer)
     ref_preds, ref_used = prefix_rerun_greedy(model, x, answer)
     assert torch.equal(used, ref_used) and torch.equal(preds, ref_preds)
-    state = ref_state = SegmentState()
+    state = ref_state = model.initial_state()
     for s in range(3):
         hidden, state = model.decode_segment(used[:, s].clone(), state, answer[:, s])
         ref_hidden, ref_state = model.segment(used[:, s], ref_state)
         assert_close(model.head.logits(hidden), model.head.logits(ref_hidden), atol=1e-5, rtol=1e-5)
         for got, ref in ((state.memory, ref_state.memory), *zip(state.cache or [], ref_state.cache or [])):
             assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+PADDED_MODELS = [*CACHED_DECODING_MODELS, ("rmt_xl", {"mem_len": 7})]
+
+
+@pytest.mark.parametrize(("segments", "n", "pad"), [(3, 4, 2), (4, 3, 2), (7, 2, 4)])
+@pytest.mark.parametrize(("name", "switches"), PADDED_MODELS, ids=lambda x: str(x))
+def test_front_padding_is_hidden_from_every_output(name, switches, segments, n, pad):
+    """Retrieval in 3 / 4 / 7 segments pads the front: whatever the padding tokens are, no output at a real
+    position changes (teacher-forced, through memory and cache, and greedy), so the padding is out of attention.
+    Without the mask the same change does reach the outputs of every model that carries state."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model(name, **switches), VOCAB, pad_front=pad).eval()
+    x = tokens(b=4, s=segments, n=n, seed=5)
+    y = x.clone()
+    y.view(4, -1)[:, :pad] = torch.randint(2, VOCAB, (4, pad), generator=torch.Generator().manual_seed(9))
+    real = torch.ones(segments * n, dtype=torch.bool)
+    real[:pad] = False
+    with torch.no_grad():
+        hx, _ = model(x)
+        hy, _ = model(y)
+    assert_close(hx.flatten(1, 2)[:, real], hy.flatten(1, 2)[:, real], atol=1e-6, rtol=1e-6)
+    answer = torch.zeros(x.shape, dtype=torch.bool)
+    answer.view(4, -1)[:, -n - 1 :] = True  # the answer crosses into the last segment
+    px, py = (generate_greedy(model, z, answer)[0].flatten(1) for z in (x, y))
+    assert torch.equal(px[:, real], py[:, real])
+    if model.cfg.carries_state:
+        model.pad_front = 0
+        with torch.no_grad():
+            seen = (model(x)[0] - model(y)[0]).flatten(1, 2)[:, real].abs().max()
+        assert seen > 1e-4
+
+
+def test_a_padded_segment_equals_the_unpadded_one_for_vanilla():
+    """Relative positions: the 10 real tokens after 2 hidden pads give the outputs of the 10 tokens alone."""
+    torch.manual_seed(0)
+    padded = build_model(tiny_model("vanilla"), VOCAB, pad_front=2).eval()
+    plain = build_model(tiny_model("vanilla"), VOCAB).eval()
+    plain.load_state_dict(padded.state_dict())
+    x = tokens(b=3, s=1, n=10, seed=2)
+    with torch.no_grad():
+        hp, _ = padded(torch.cat([torch.zeros(3, 1, 2, dtype=torch.long), x], 2))
+        h, _ = plain(x)
+    assert_close(hp[:, :, 2:], h, atol=1e-6, rtol=1e-6)

@@ -46,7 +46,63 @@ def test_retrieval_answer_is_the_queried_value():
     assert (keys < 28).all() and (values >= 28).all() and (seq[:, 8] == START).all()
 
 
-@pytest.mark.parametrize("name", ["copy", "reverse", "retrieval"])
+def parse_quadratic(steps: list[str]) -> tuple[int, int, int, list[int] | None]:
+    """(a, b, c, roots or None) read back from the written steps, by a parser of its own."""
+    import re
+
+    a, b, c = map(int, re.fullmatch(r"(\d+)\*x\^2([+-]\d+)\*x([+-]\d+)=0", steps[0]).groups())
+    if steps[5] == "no real roots":
+        return a, b, c, None
+    return a, b, c, [int(r) for r in steps[5].removeprefix("x=").split(",")]
+
+
+def test_quadratic_roots_satisfy_their_equation_and_rootless_ones_have_a_negative_discriminant():
+    from rmt_bench.tasks.quadratic import STEP_CHARS, decode
+
+    task = build_task(tiny_task("quadratic", segments=6, train_size=3000, length=1))
+    seq, mask = full_sequences(task, "train")
+    assert seq.shape == (3000, 181) and (seq[:, 0] == START).all() and task.splits["train"].inputs.shape[1:] == (6, 30)
+    assert mask[:, STEP_CHARS:].all() and not mask[:, :STEP_CHARS].any()  # the loss on steps 2-6
+    rootless = 0
+    for row in seq:
+        steps = decode(row[1:].tolist())
+        a, b, c, roots = parse_quadratic(steps)
+        assert 1 <= a <= 10 and b % a == 0 and c % a == 0  # integer equations times a factor 1..10
+        d = b * b - 4 * a * c
+        assert steps[1].endswith(f"={d}")
+        if roots is None:
+            rootless += 1
+            assert d < 0 and steps[2] == "D<0"
+            continue
+        assert d >= 0 and all(-100 <= r <= 100 and a * r * r + b * r + c == 0 for r in roots)
+        assert steps[2] == f"sqrt(D)={round(d**0.5)}" and len(roots) == (1 if d == 0 else 2)
+        assert steps[3].endswith(f"={max(roots)}") and steps[4].endswith(f"={min(roots)}")
+    assert 0.17 < rootless / len(seq) < 0.23  # the paper's 20% without real roots
+
+
+def test_quadratic_headline_is_the_final_steps_exact_match():
+    """Known values: a wrong solution step spoils `exact` but not `final_exact`; a wrong answer spoils both."""
+    from rmt_bench.train.loop import answer_hits
+
+    task = build_task(tiny_task("quadratic", segments=6, length=1))
+    b = task.splits["test"]
+    preds = b.targets.clone()
+    preds[0, 4, 29] += 1  # example 0: the last character of step 5 wrong
+    preds[1, 5, 0] += 1  # example 1: the answer step wrong
+    preds[2, 0, 5] += 1  # example 2: a character of the equation (not scored) "wrong"
+    right, exact, final = answer_hits(preds, b.targets, b.loss_mask, task.final_len)
+    n = b.targets.shape[0]
+    assert (exact, final) == (n - 2, n - 1) and right == b.loss_mask.sum().item() - 2
+
+
+def test_quadratic_splits_only_into_divisors_of_180():
+    from rmt_bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="does not divide the quadratic sequence of 180 tokens"):
+        tiny_task("quadratic", segments=7, length=1)
+
+
+@pytest.mark.parametrize("name", ["copy", "reverse", "retrieval", "quadratic"])
 def test_same_seed_same_data_and_splits_differ(name):
     a, b = build_task(tiny_task(name)), build_task(tiny_task(name))
     c = build_task(tiny_task(name, data_seed=7))
@@ -72,3 +128,27 @@ def test_train_order_depends_on_seed_and_resumes():
     assert all(torch.equal(x, y) for x, y in zip(first, again))
     assert all(torch.equal(x, y) for x, y in zip(first[3:], resumed))
     assert not torch.equal(first[0], other)
+
+
+@pytest.mark.parametrize(("segments", "pad"), [(3, 2), (4, 2), (6, 2), (7, 4)])
+def test_retrieval_in_3_or_4_segments_is_padded_at_the_front_and_keeps_its_data(segments, pad):
+    """10 tokens into 3 or 4 segments: 2 padding tokens in front (out of the loss), the query in the last
+    segment, and the same examples as in 2 segments (which need no padding)."""
+    from rmt_bench.tasks.algorithmic import PAD
+
+    plain = build_task(tiny_task("retrieval", segments=2))
+    padded = build_task(tiny_task("retrieval", segments=segments))
+    assert plain.pad_front == 0 and padded.pad_front == pad and padded.cfg.seq_len == 10 + pad
+    seq, mask = full_sequences(padded, "test")
+    ref, ref_mask = full_sequences(plain, "test")
+    assert (seq[:, :pad] == PAD).all() and torch.equal(seq[:, pad:], ref)
+    assert not mask[:, :pad].any() and torch.equal(mask[:, pad:], ref_mask)
+    last = padded.splits["test"].inputs[:, -1]
+    assert (last[:, -2] == START).all()  # '?' and the queried key sit in the last segment
+
+
+def test_retrieval_segments_beyond_its_length_are_one_line():
+    from rmt_bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task.segments.*11"):
+        tiny_task("retrieval", segments=11)

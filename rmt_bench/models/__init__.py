@@ -8,8 +8,9 @@ from rmt_bench.models.recurrence import RecurrentModel, SegmentState, generate_g
 __all__ = ["RecurrentModel", "SegmentState", "build_model", "generate_greedy", "train_segments"]
 
 
-def build_model(cfg: ModelConfig, vocab_size: int) -> RecurrentModel:
-    """The model for `cfg` on a task whose vocabulary has `vocab_size` tokens."""
+def build_model(cfg: ModelConfig, vocab_size: int, pad_front: int = 0) -> RecurrentModel:
+    """The model for `cfg` on a task whose vocabulary has `vocab_size` tokens and whose sequences start with
+    `pad_front` padding tokens (hidden from attention)."""
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
         raise ConfigError(
             "model.vocab_size",
@@ -21,4 +22,4 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> RecurrentModel:
             "model.adaptive_cutoffs",
             f"{cfg.adaptive_cutoffs} must stay below the vocabulary size {vocab}; use [] for a plain softmax",
         )
-    return RecurrentModel(cfg, vocab)
+    return RecurrentModel(cfg, vocab, pad_front)

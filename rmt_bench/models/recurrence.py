@@ -4,6 +4,9 @@ A segment's input is `[read memory ; tokens ; write memory]` (RMT, Sec. 3), `[me
 `tokens` (vanilla, Transformer-XL); a Transformer-XL cache of the previous `mem_len` layer inputs may sit in
 front of it. Positions are consecutive over `[cache ; read ; tokens ; write]` and enter attention only as
 relative distances, so memory tokens take ordinary positions and no memory position embedding exists.
+A sequence may start with `pad` tokens (associative retrieval in 3 or 4 segments, padded at the front to split
+evenly): they are hidden from every query (and from later segments through the cache), so no output depends on
+them; each pad row sees only itself, to keep its softmax defined (its output is never read).
 
 Shapes: B batch, S segments, n segment_len, m num_mem_tokens, M cache length, d d_model.
 """
@@ -30,22 +33,34 @@ class SegmentState:
 
     memory: Tensor | None = None  # (B, m, d): next segment's read (and write) memory
     cache: list[Tensor] | None = None  # per layer (B, M, d), detached (Transformer-XL)
+    pad: int = 0  # front-padding tokens still ahead in the sequence (hidden from attention)
+    cache_hidden: tuple[int, ...] = ()  # cache columns that hold padding (hidden from attention)
 
     def detach(self) -> SegmentState:
         memory = None if self.memory is None else self.memory.detach()
-        return SegmentState(memory, self.cache)
+        return SegmentState(memory, self.cache, self.pad, self.cache_hidden)
 
 
 @lru_cache(maxsize=64)
 def attention_mask(
-    n: int, m: int, write: bool, cache_len: int, read_from_cache: bool, window: int, device: torch.device
+    n: int,
+    m: int,
+    write: bool,
+    cache_len: int,
+    read_from_cache: bool,
+    window: int,
+    device: torch.device,
+    cache_hidden: tuple[int, ...] = (),
+    pad: int = 0,
 ) -> Tensor:
     """Additive mask (Q, K): 0 where attention is allowed, -inf elsewhere (Sec. 3, Fig. 1c).
 
     Rows/columns: [cache (c) ; read (m) ; tokens (n) ; write (m if write)], rows without the cache.
     Read rows see the read block (and the cache with `read_from_cache`); token rows see the cache, the read
     block and earlier tokens, never the write block; write rows see everything. `window` > 0 (Transformer-XL
-    `same_length`) limits token rows to keys less than `window` positions back, memory excepted.
+    `same_length`) limits token rows to keys less than `window` positions back, memory excepted. The cache
+    columns `cache_hidden` and the first `pad` token columns (front padding) are hidden from every row; a pad
+    row sees only itself.
     """
     c, mw = cache_len, m if write else 0
     q, k = m + n + mw, cache_len + m + n + mw
@@ -61,6 +76,10 @@ def attention_mask(
         far = (dist >= window) & ~is_memory_col
         allowed[m : m + n] &= ~far[m : m + n]
     allowed[m + n :, :] = True
+    if cache_hidden or pad:
+        allowed[:, list(cache_hidden)] = False
+        allowed[:, c + m : c + m + pad] = False
+        allowed[range(m, m + pad), range(c + m, c + m + pad)] = True
     bias = torch.zeros(q, k).masked_fill_(~allowed, float("-inf"))
     return bias.to(device)
 
@@ -68,9 +87,10 @@ def attention_mask(
 class RecurrentModel(nn.Module):
     """Backbone + segment recurrence; the switches in `ModelConfig` make vanilla, memtr, xl, rmt, rmt_xl."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_front: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.pad_front = pad_front  # padding tokens at the front of every sequence of the task
         self.backbone = Backbone(cfg, vocab_size)
         m, d = cfg.num_mem_tokens, cfg.d_model
         # distinct initial slots (the public code's were identical), at the scale of the scaled embeddings
@@ -79,6 +99,10 @@ class RecurrentModel(nn.Module):
     @property
     def head(self):
         return self.backbone.head
+
+    def initial_state(self) -> SegmentState:
+        """The state before a sequence's first segment."""
+        return SegmentState(pad=self.pad_front)
 
     def segment(self, tokens: Tensor, state: SegmentState, write: bool = True) -> tuple[Tensor, SegmentState]:
         """One segment. tokens (B, n) -> hidden states of the tokens (B, n, d), the state for the next one.
@@ -94,7 +118,7 @@ class RecurrentModel(nn.Module):
             h = torch.cat([read.to(h.dtype), h] + ([read.to(h.dtype)] if write else []), dim=1)  # (B, Q, d)
         mask = self._mask(n, write, state, tokens.device)
         out, layer_inputs = self.backbone(h, state.cache, mask)  # (B, Q, d)
-        return out[:, m : m + n], self._next_state(out[:, m + n :] if write else None, layer_inputs, state)
+        return out[:, m : m + n], self._next_state(out[:, m + n :] if write else None, layer_inputs, state, n)
 
     @property
     def writes(self) -> bool:
@@ -115,18 +139,28 @@ class RecurrentModel(nn.Module):
         cfg = self.cfg
         cache_len = state.cache[0].shape[1] if state.cache else 0
         window = cfg.mem_len if cfg.same_length else 0
-        return attention_mask(n, cfg.num_mem_tokens, write, cache_len, cfg.read_mem_from_cache, window, device)
+        return attention_mask(
+            n, cfg.num_mem_tokens, write, cache_len, cfg.read_mem_from_cache, window, device, state.cache_hidden,
+            min(state.pad, n),
+        )  # fmt: skip
 
-    def _next_state(self, written: Tensor | None, layer_inputs: list[Tensor], state: SegmentState) -> SegmentState:
+    def _next_state(
+        self, written: Tensor | None, layer_inputs: list[Tensor], state: SegmentState, n: int
+    ) -> SegmentState:
         """The final-layer write outputs become the next memory (Sec. 3); each layer's inputs over the segment
-        extend its cache, cut to the last mem_len (Transformer-XL), detached."""
-        new_cache = None
+        extend its cache, cut to the last mem_len (Transformer-XL), detached. The segment's padding columns
+        (after its m read rows) join the cache's hidden columns."""
+        new_cache, hidden, seg_pad = None, (), min(state.pad, n)
         if self.cfg.mem_len:
             old = state.cache or [x[:, :0] for x in layer_inputs]
+            old_len, m = old[0].shape[1], self.cfg.num_mem_tokens
             new_cache = [
                 torch.cat([c.to(x.dtype), x], 1)[:, -self.cfg.mem_len :].detach() for c, x in zip(old, layer_inputs)
             ]
-        return SegmentState(written, new_cache)
+            start = old_len + layer_inputs[0].shape[1] - new_cache[0].shape[1]  # columns cut from the front
+            columns = (*state.cache_hidden, *(old_len + m + i for i in range(seg_pad)))
+            hidden = tuple(i - start for i in columns if i >= start)
+        return SegmentState(written, new_cache, state.pad - seg_pad, hidden)
 
     @torch.no_grad()
     def decode_segment(self, tokens: Tensor, state: SegmentState, answer: Tensor) -> tuple[Tensor, SegmentState]:
@@ -169,7 +203,7 @@ class RecurrentModel(nn.Module):
             for blocks, x in zip(layer_inputs, inputs):
                 blocks.append(x)
         cache_source = [torch.cat(blocks, 1) for blocks in layer_inputs] if self.cfg.mem_len else []
-        return torch.cat(hidden, 1), self._next_state(written, cache_source, state)
+        return torch.cat(hidden, 1), self._next_state(written, cache_source, state, n)
 
     def forward(
         self, inputs: Tensor, state: SegmentState | None = None, final_state: bool = True
@@ -181,8 +215,8 @@ class RecurrentModel(nn.Module):
         block (its tokens never see it: the hidden states are the same) and the state returned is of no use.
         """
         bsz, n_seg, n = inputs.shape
-        state = state or SegmentState()
-        if not self.cfg.carries_state:
+        state = state or self.initial_state()
+        if not self.cfg.carries_state and not state.pad:
             hidden, _ = self.segment(inputs.reshape(bsz * n_seg, n), SegmentState())
             return hidden.view(bsz, n_seg, n, -1), state
         outs = []
@@ -214,7 +248,7 @@ def train_segments(
     final_state=False (batches of fresh examples: nothing is carried to the next batch) spares the last
     segment's write block in one-graph training.
     """
-    state, history = state or SegmentState(), list(history or [])
+    state, history = state or model.initial_state(), list(history or [])
     n_seg = inputs.shape[1]
     recurrent = model.cfg.num_mem_tokens > 0 and model.cfg.recurrent_memory  # the XL cache carries no gradient
     if bptt_depth < 0 or not recurrent:
@@ -261,7 +295,7 @@ def generate_greedy(
     inputs, answer = inputs.clone(), answer.bool()
     n_seg = inputs.shape[1]
     preds = torch.empty_like(inputs)
-    state = state or SegmentState()
+    state = state or model.initial_state()
     for s in range(n_seg):
         tokens = inputs[:, s]  # a view: filled in place
         if s > 0:

@@ -1,4 +1,5 @@
-"""The paper's algorithmic tasks (Sec. 4.1, App. A): copy, reverse, associative retrieval.
+"""The paper's algorithmic tasks (Sec. 4.1, App. A): copy, reverse, associative retrieval, quadratic equations
+(the generator and its format: tasks/quadratic.py).
 
 Every example is `seq`, the model reads `seq[:-1]` and predicts `seq[1:]`; the loss mask marks the answer.
 Token 0 is padding, token 1 the start (or '?') token, symbols follow. All splits are drawn once, vectorised,
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rmt_bench.config import TaskConfig
+from rmt_bench.tasks.quadratic import ALPHABET, STEP_CHARS, make_quadratic
 
 PAD, START = 0, 1
 NUM_KEYS, NUM_VALUES = 26, 10  # retrieval: keys are letters, values digits
@@ -41,6 +43,8 @@ def make_sequences(cfg: TaskConfig, size: int, gen: torch.Generator) -> tuple[Te
             seq, answer_len = torch.cat([x, start, x, x], 1), 2 * cfg.length
         else:  # X, start, reversed X: the answer is the last L targets
             seq, answer_len = torch.cat([x, start, x.flip(1)], 1), cfg.length
+    elif cfg.name == "quadratic":  # start, the equation, the five solution steps: the answer is steps 2-6
+        return make_quadratic(size, gen)
     else:  # k1 v1 ... kP vP ? kq vq: the answer is the value of the queried key (length 2P + 2)
         keys = torch.rand(size, NUM_KEYS, generator=gen).argsort(1)[:, : cfg.num_pairs] + 2  # distinct letters
         values = torch.randint(2 + NUM_KEYS, 2 + NUM_KEYS + NUM_VALUES, (size, cfg.num_pairs), generator=gen)
@@ -48,6 +52,8 @@ def make_sequences(cfg: TaskConfig, size: int, gen: torch.Generator) -> tuple[Te
         pairs = torch.stack([keys, values], 2).reshape(size, -1)
         seq = torch.cat([pairs, torch.full((size, 1), START), keys.gather(1, q), values.gather(1, q)], 1)
         answer_len = 1
+    if cfg.pad_front:  # retrieval in 3 or 4 segments: padding in front, hidden from attention and the loss
+        seq = torch.cat([torch.full((size, cfg.pad_front), PAD), seq], 1)
     mask = torch.zeros(size, seq.shape[1] - 1, dtype=torch.bool)
     mask[:, -answer_len:] = True
     return seq, mask
@@ -61,8 +67,12 @@ class AlgorithmicTask:
     def __init__(self, cfg: TaskConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.name = cfg.name
-        self.vocab_size = 2 + (NUM_KEYS + NUM_VALUES if cfg.name == "retrieval" else cfg.num_symbols)
+        symbols = {"retrieval": NUM_KEYS + NUM_VALUES, "quadratic": len(ALPHABET)}.get(cfg.name, cfg.num_symbols)
+        self.vocab_size = 2 + symbols
+        # the final answer: the last `final_len` targets (quadratic: step 6), scored as `final_exact`
+        self.final_len = STEP_CHARS if cfg.name == "quadratic" else None
         self.segments, self.segment_len = cfg.segments, cfg.segment_len
+        self.pad_front = cfg.pad_front  # the model hides these leading tokens from attention
         sizes = {"train": cfg.train_size, "valid": cfg.valid_size, "test": cfg.test_size}
         self.splits: dict[str, Batch] = {}
         for split, size in sizes.items():

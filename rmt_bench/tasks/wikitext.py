@@ -158,6 +158,7 @@ class LMTask:
     """Ordered LM stream; `Batch` shapes (B, S, n): S consecutive segments of n tokens per column."""
 
     stream = True
+    pad_front = 0  # streams are never padded
 
     def __init__(self, cfg: LMTaskConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg

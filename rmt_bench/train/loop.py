@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from rmt_bench.config import ConfigError, TrainerConfig
 from rmt_bench.logging import RunLogger
@@ -133,7 +134,8 @@ def fix_budget(model, task, cfg: TrainerConfig, st: TrainState, seed: int, devic
 @torch.no_grad()
 def evaluate(model: RecurrentModel, task, split: str, batch_size: int, autocast) -> dict:
     """Algorithmic tasks: loss and accuracy on the answer tokens, greedy across segments (`acc`, the paper's
-    metric), teacher-forced (`acc_tf`), and whole-answer exact match of the greedy output (`exact`).
+    metric), teacher-forced (`acc_tf`), and whole-answer exact match of the greedy output (`exact`); tasks with a
+    final answer at the end of a longer one (quadratic: step 6) also its exact match (`final_exact`).
     Streams: loss over the whole split carrying memory/cache, as perplexity (`ppl`) or bits per char (`bpc`)."""
     was_training = model.training
     model.eval()
@@ -148,7 +150,8 @@ def evaluate(model: RecurrentModel, task, split: str, batch_size: int, autocast)
 
 
 def evaluate_answers(model: RecurrentModel, task, split: str, batch_size: int, autocast) -> dict:
-    nll = correct = correct_tf = tokens = exact = examples = 0.0
+    nll = correct = correct_tf = tokens = exact = final_exact = examples = 0.0
+    final_len = getattr(task, "final_len", None)
     for batch in task.eval_batches(split, batch_size):
         mask = batch.loss_mask
         # segments before the first answer are the same teacher-forced and greedy, and never scored: run them
@@ -156,19 +159,28 @@ def evaluate_answers(model: RecurrentModel, task, split: str, batch_size: int, a
         answered = mask.flatten(2).any(2).any(0).nonzero()
         first = int(answered[0]) if len(answered) else 0
         with autocast():
-            _, state = model(batch.inputs[:, :first]) if first and model.cfg.carries_state else (None, None)
+            needs_prefix = first and (model.cfg.carries_state or model.pad_front)  # its state, or its padding
+            _, state = model(batch.inputs[:, :first]) if needs_prefix else (None, None)
             rest, _ = model(batch.inputs[:, first:], state)
             preds, _ = generate_greedy(model, batch.inputs[:, first:], mask[:, first:], state)
             logits = model.head.logits(rest[mask[:, first:]]).float()
         preds = torch.cat([batch.targets[:, :first], preds], 1)  # (B, S, n)
         nll += torch.nn.functional.cross_entropy(logits, batch.targets[mask], reduction="sum").item()
         correct_tf += (logits.argmax(-1) == batch.targets[mask]).sum().item()
-        hit = (preds == batch.targets) | ~mask
-        correct += (hit & mask).sum().item()
-        exact += hit.flatten(1).all(1).sum().item()
+        hits = answer_hits(preds, batch.targets, mask, final_len)
+        correct, exact, final_exact = correct + hits[0], exact + hits[1], final_exact + hits[2]
         tokens += mask.sum().item()
         examples += mask.shape[0]
-    return {"loss": nll / tokens, "acc": correct / tokens, "acc_tf": correct_tf / tokens, "exact": exact / examples}
+    out = {"loss": nll / tokens, "acc": correct / tokens, "acc_tf": correct_tf / tokens, "exact": exact / examples}
+    return out | ({"final_exact": final_exact / examples} if final_len else {})
+
+
+def answer_hits(preds: Tensor, targets: Tensor, mask: Tensor, final_len: int | None) -> tuple[int, int, int]:
+    """Greedy predictions against the targets, (B, S, n) each -> (answer tokens right, whole answers right,
+    final answers right: the last `final_len` targets, 0 when the task has none)."""
+    hit = ((preds == targets) | ~mask).flatten(1)
+    final = hit[:, -final_len:].all(1).sum().item() if final_len else 0
+    return (hit & mask.flatten(1)).sum().item(), hit.all(1).sum().item(), final
 
 
 @contextlib.contextmanager
@@ -212,8 +224,8 @@ def evaluate_stream(model: RecurrentModel, task, split: str, batch_size: int, au
 
 
 def score(metrics: dict) -> float:
-    """Higher is better: accuracy where there is one, else minus the loss."""
-    return metrics["acc"] if "acc" in metrics else -metrics["loss"]
+    """Higher is better: the task's headline (the final answer's exact match, else accuracy), else minus the loss."""
+    return metrics.get("final_exact", metrics.get("acc", -metrics["loss"]))
 
 
 def plateau_step(st: TrainState, cfg: TrainerConfig, val_loss: float) -> None:
