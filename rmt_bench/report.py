@@ -109,8 +109,9 @@ def figure(rows: list[dict], title: str, xlabel: str, ylabel: str, path: Path) -
     numeric = all(isinstance(r["x"], (int, float)) for r in rows)
     key = (lambda r: r["x"]) if numeric else (lambda r: 0)  # numbers in order; names in the file's order
     place = (lambda r: r["x"]) if numeric else (lambda r: str(r["x"]))
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for i, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
+    names = list(dict.fromkeys(r["series"] for r in rows))
+    fig, ax = plt.subplots(figsize=(5.5 if len(names) <= 4 else 8.5, 3.8))
+    for i, series in enumerate(names):
         mine = sorted((r for r in rows if r["series"] == series), key=key)
         color = f"C{i}"
         done = [r for r in mine if "mean" in r]
@@ -125,7 +126,10 @@ def figure(rows: list[dict], title: str, xlabel: str, ylabel: str, path: Path) -
         ax.set_xscale("symlog", linthresh=1)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if len(names) <= 4:
+        ax.legend(fontsize=7)
+    else:  # many series (Table 2): the legend beside the axes, not over the lines
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
