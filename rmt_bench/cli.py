@@ -30,14 +30,20 @@ from rmt_bench.config import (
     config_hash,
     from_dict,
 )
-from rmt_bench.train.checkpoint import CheckpointError
+from rmt_bench.errors import CheckpointError, RunStopped
 
 _PACKAGED = Path(__file__).resolve().parent / "configs"  # inside an installed wheel
 CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs")
 CHECKPOINT_FILE = "checkpoint.pt"
 
+
 # configs/arch/trainable.yaml: init std sqrt(2 / (5 d_model)), scaled to the width (Nguyen & Salazar 2019)
-OmegaConf.register_new_resolver("width_std", lambda d_model: round((2 / (5 * float(d_model))) ** 0.5, 6), replace=True)
+def width_std(d_model) -> float:
+    """sqrt(2 / (5 d_model)); a d_model below 1 is left to the config check, which names model.d_model."""
+    return round((2 / (5 * float(d_model))) ** 0.5, 6) if float(d_model) >= 1 else 0.02
+
+
+OmegaConf.register_new_resolver("width_std", width_std, replace=True)
 
 
 def swept_dirname(job_overrides) -> str:
@@ -100,20 +106,20 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     model = build_model(cfg.model, task.vocab_size, task.pad_front)
     logger = RunLogger(cfg.logger, run_dir, asdict(cfg))
     exit_code = 1
+    identity = {
+        "task": cfg.task.name, "model": cfg.model.name, "arch": cfg.model.arch, "scale": cfg.scale,
+        "config_hash": config_hash(cfg), "mem": cfg.mem, "segments": cfg.task.segments, "seed": cfg.seed,
+    }  # fmt: skip
     try:
-        summary = fit(model, task, cfg.trainer, logger, cfg.seed, device, run_dir / CHECKPOINT_FILE, resume)
-        summary = {
-            "task": cfg.task.name,
-            "model": cfg.model.name,
-            "arch": cfg.model.arch,
-            "scale": cfg.scale,
-            "config_hash": config_hash(cfg),
-            "mem": cfg.mem,
-            "segments": cfg.task.segments,
-            "seed": cfg.seed,
-        } | summary
+        summary = identity | fit(
+            model, task, cfg.trainer, logger, cfg.seed, device, run_dir / CHECKPOINT_FILE, resume, asdict(cfg)
+        )
         logger.summary(summary)
         exit_code = 0
+    except RunStopped as exc:
+        if exc.summary is not None:  # a diverged run still says what happened, for the suite and the report
+            logger.summary(identity | exc.summary)
+        raise
     finally:
         logger.finish(exit_code)
     return summary
@@ -155,9 +161,12 @@ def hydra_main(dcfg: DictConfig) -> float:
         run_dir = Path(hc.runtime.output_dir)
         summary = run(cfg, run_dir, resume=cfg.resume)
     except Exception as exc:
-        known = isinstance(exc, (ConfigError, CheckpointError))  # one line; anything else is a bug: traceback
+        known = isinstance(exc, (ConfigError, CheckpointError, RunStopped))  # one line; else a bug: traceback
         if full_error or (hc.mode != RunMode.MULTIRUN and not known):
             raise
+        if isinstance(exc, RunStopped) and (hc.mode != RunMode.MULTIRUN or exc.exit_code > 128):
+            print(str(exc), file=sys.stderr, flush=True)  # a signal stops a whole sweep too
+            sys.exit(exc.exit_code)
         if hc.mode != RunMode.MULTIRUN:
             _fail(str(exc))
         # a sweep goes on: the job is reported (and listed again at the end), the next one runs
@@ -285,9 +294,26 @@ def validate_sweep(args: list[str]) -> None:
         sys.exit(2)
 
 
+WANDB_ENV_MODES = ("offline", "online", "disabled", "dryrun", "run", "shared")  # what wandb itself accepts
+
+
+def check_environment(args: list[str]) -> None:
+    """Bad input from outside the config: the W&B mode in the environment, a run directory that is a file."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is not None and mode not in WANDB_ENV_MODES:
+        _fail(f"WANDB_MODE: {mode!r} (environment) is not allowed; choose one of: offline, online, disabled")
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value:
+            path = Path(value.strip("'\""))
+            if path.exists() and not path.is_dir():
+                _fail(f"{key}: {path} is a file; give a directory (new or an earlier run's)")
+
+
 def main() -> None:
     """Console script `rmt-bench`."""
     args = sys.argv[1:]
+    check_environment(args)
     if not any(a in ("-h", "--help", "--hydra-help", "--info", "-i") for a in args):
         try:
             precheck(args)

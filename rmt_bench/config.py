@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
@@ -158,8 +159,12 @@ class TaskConfig:
         _at_least("task.train_size", self.train_size, 1)
         _at_least("task.valid_size", self.valid_size, 1)
         _at_least("task.test_size", self.test_size, 1)
-        if self.name == "retrieval":  # padded at the front to split evenly (the query stays in the last segment)
-            _in_range("task.segments", self.segments, 1, self.unpadded_len)
+        if self.name == "retrieval" and self.segments > self.unpadded_len:  # else padded at the front if need be
+            raise ConfigError(
+                "task.segments",
+                f"retrieval has {self.unpadded_len} tokens: from 1 to {self.unpadded_len} segments (counts that do not "
+                f"divide it are padded at the front), got {self.segments}",
+            )
         total = self.seq_len
         if total % self.segments:
             divisors = [str(d) for d in range(1, total + 1) if total % d == 0]
@@ -245,6 +250,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ConfigError("trainer.betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
         _choice("trainer.device", self.device, DEVICES)
         _choice("trainer.precision", self.precision, PRECISIONS)
         _choice("trainer.optimizer", self.optimizer, OPTIMIZERS)
@@ -297,6 +304,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_mem(self.mem)
+        # a memory model without memory silently trains another model: say so (the library allows rmt with
+        # 0 memory tokens, which the equivalence tests use; the command line does not)
+        if self.model.name == "xl" and self.model.mem_len == 0:
+            raise ConfigError("mem", "model=xl needs a cache: mem >= 1 (with mem=0 it is model=vanilla)")
+        if self.model.name == "rmt" and self.model.num_mem_tokens == 0:
+            raise ConfigError("mem", "model=rmt needs memory tokens: mem >= 1 (with mem=0 it is model=vanilla)")
 
 
 # Keys that do not change what a run computes, or that differ between the seeds of one cell: left out of its hash.
@@ -351,5 +364,7 @@ def _check_type(key: str, annotation: str, value) -> None:
         if allowed is None:
             return  # lists, tuples, nested configs: checked by their own validation
         if isinstance(value, allowed) and not (kind in ("int", "float") and isinstance(value, bool)):
+            if kind == "float" and not math.isfinite(value):
+                raise ConfigError(key, f"must be a finite number, got {value}")
             return
     raise ConfigError(key, f"must be {' or '.join(k for k in kinds if k != 'None')}, got {value!r}")

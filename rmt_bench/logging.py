@@ -64,10 +64,9 @@ class RunLogger:
             self._wandb_failed("start", exc)
 
     def _wandb_failed(self, what: str, exc: Exception) -> None:
-        print(
-            f"warning: wandb failed to {what} ({type(exc).__name__}: {exc}); metrics stay in {self.run_dir}",
-            file=sys.stderr,
-        )
+        first = (str(exc).strip().splitlines() or [""])[0]  # one line: wandb's errors can span many
+        print(f"warning: wandb failed to {what} ({type(exc).__name__}: {first}); metrics stay in {self.run_dir}",
+              file=sys.stderr)  # fmt: skip
         self.wandb = None
 
     # --- the resolved config
@@ -118,6 +117,14 @@ class RunLogger:
                 self.wandb.log(metrics, step=step)
             except Exception as exc:
                 self._wandb_failed("log", exc)
+
+    def truncate(self, step: int) -> None:
+        """A resumed run: drop the records logged after `step` (its checkpoint), which it will log again."""
+        self._metrics.close()
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines() if self.metrics_path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
 
     def summary(self, summary: dict) -> None:
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps({k: _plain(v) for k, v in summary.items()}, indent=2))

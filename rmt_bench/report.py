@@ -62,8 +62,9 @@ def collect(bench_dir: Path, data: dict, scale: str) -> list[dict]:
         if not groups:
             rows.append(base | {"values": []})
         for config, runs in sorted(groups.items()):
-            values = [r[metric] for r in runs]
-            rows.append(base | {"hash": config, "runs": runs, "values": values, "mean": sum(values) / len(values)})
+            values = [r[metric] for r in runs if metric in r]  # a diverged run has a summary without it
+            mean = {"mean": sum(values) / len(values)} if values else {}
+            rows.append(base | {"hash": config, "runs": runs, "values": values} | mean)
     return rows
 
 
@@ -89,7 +90,9 @@ def table(bench_dir: Path, scale: str) -> tuple[str, list[dict]]:
         shown = "" if paper is None else paper
         label = f"{row['name']} (config {row['hash'] or 'unrecorded'})" if row["name"] in split else row["name"]
         if not vals:
-            lines.append(f"| {label} | not run | | | 0 | {shown} | |")
+            stopped = sorted({str(r.get("stop_reason")) for r in row["runs"]})
+            what = f"stopped ({', '.join(stopped)})" if stopped else "not run"
+            lines.append(f"| {label} | {what} | | | 0 | {shown} | |")
             continue
         diff = "" if paper is None else f"{row['mean'] - paper:+.3f}"
         spread = f"{fmt(min(vals))} | {fmt(max(vals))} | {len(vals)}"

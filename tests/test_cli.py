@@ -233,33 +233,6 @@ def test_cfg_job_resolve_shows_the_config(tmp_path):
     assert "num_mem_tokens: 3" in res.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "key", "says"),
-    [
-        (["model=foo"], "model=foo", "choose one of"),
-        (["-m", "model=rmt,foo"], "model=foo", "choose one of"),
-        (["foo=1"], "foo", "unknown key"),
-        (["model.foo=1"], "model.foo", "unknown key"),
-        (["mem=-1"], "mem", ">= 0"),
-        (["mem=abc"], "mem", "must be int"),
-        (["task.segments=5"], "task.segments", "does not divide"),
-        (["model.vocab_size=5"], "model.vocab_size", "smaller than the task"),
-        (["model=vanilla", "model.num_mem_tokens=3"], "model.name", "vanilla has no memory"),
-        (["trainer.lr=-1"], "trainer.lr", "> 0"),
-        (["trainer.schedule=linear"], "trainer.schedule", "choose one of"),
-        (["arch=fast"], "arch=fast", "choose one of: paper, trainable"),
-        (["model.arch=fast"], "model.arch", "choose one of: paper, trainable"),
-    ],
-)
-def test_bad_input_fails_with_one_line(tmp_path, args, key, says):
-    res = run_cli(*TINY, *args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith(f"error: {key}") and says in lines[0], lines[0]
-    assert "Traceback" not in res.stderr
-
-
 @pytest.mark.parametrize("task", options("task"))
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_trains_on_every_task(tmp_path, task, model):

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import math
 import resource
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from rmt_bench.config import ConfigError, TrainerConfig
+from rmt_bench.errors import CheckpointError, RunStopped
 from rmt_bench.logging import RunLogger
 from rmt_bench.models import RecurrentModel, generate_greedy, train_segments
 from rmt_bench.tasks import AlgorithmicTask
@@ -79,6 +81,10 @@ class TrainState:
     budget_minutes: float | None = None
     seconds_per_step: float = 0.0  # measured before step 0 when the budget comes from minutes
     seconds_per_eval: float = 0.0
+    # the logging window in progress (a checkpoint between two log lines resumes it exactly)
+    window_loss: float = 0.0
+    window_steps: int = 0
+    window_tokens: int = 0
 
 
 # before the budget of a `max_minutes` run is fixed: untimed steps, then timed ones (at most this share of it)
@@ -258,6 +264,20 @@ def train_step(
     return loss, (state, history)
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM during training set a flag instead of killing the run: the loop saves a checkpoint
+    after the step in progress and stops. -> the list that names the signal once one came."""
+    came: list[int] = []
+    handler = lambda signum, frame: came.append(signum)  # noqa: E731
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
 def fit(
     model: RecurrentModel,
     task: AlgorithmicTask,
@@ -267,75 +287,118 @@ def fit(
     device: torch.device,
     checkpoint_path=None,
     resume: bool = False,
+    run_config: dict | None = None,
 ) -> dict:
     """Train for a fixed step budget, validating every `eval_every` steps; test the best-validation weights
-    (and, with `cfg.memory_reset_control`, test them again with the memory reset at every segment)."""
+    (and, with `cfg.memory_reset_control`, test them again with the memory reset at every segment).
+    `run_config` (the resolved config) goes into every checkpoint; a resume with other trajectory keys is refused."""
     # --- setup
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     st, best_weights = TrainState(), copy.deepcopy(model.state_dict())
+    # streams (LM) carry memory/cache and the BPTT history from batch to batch, reset at each epoch
+    carried = (None, [])
     if resume:
         if checkpoint_path is None or not checkpoint_path.exists():
             raise ConfigError("resume", f"no checkpoint at {checkpoint_path}; pass hydra.run.dir=<the run to resume>")
-        st, best_weights = load_checkpoint(checkpoint_path, model, optimizer, st)
+        st, best_weights, carried = load_checkpoint(checkpoint_path, model, optimizer, st, run_config)
+        logger.truncate(st.step)  # metrics logged after the checkpoint come again
         logger.info(f"resumed from {checkpoint_path} at step {st.step}")
     bf16, why = resolve_precision(cfg.precision, device)
     if cfg.precision == "auto":
         logger.info(why)
     autocast = autocast_factory(device, bf16)
     t_start = time.perf_counter() - st.train_seconds
+    horizon = st.budget_steps
     if how := fix_budget(model, task, cfg, st, seed, device, autocast):
         logger.info(how)
+    if resume and horizon and st.budget_steps != horizon:
+        logger.info(
+            f"warning: the step budget moves from {horizon} to {st.budget_steps} steps: the schedule follows it, so "
+            f"the steps after {st.step} differ from an uninterrupted {horizon}-step run"
+        )
     logger.update_config({"trainer": {"max_steps": st.budget_steps}})
     budget = st.budget_steps
     batches = task.train_batches(cfg.batch_size, seed, start_step=st.step)
-    # streams (LM) carry memory/cache and the BPTT history from batch to batch, reset at each epoch
     per_epoch = task.steps_per_epoch(cfg.batch_size) if task.stream else 1
-    carried = (None, [])
     logger.start_progress(budget, initial=st.step)
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    window_start = time.perf_counter()
     stop_reason = "max_minutes" if st.budget_minutes is not None and budget < cfg.max_steps else "max_steps"
 
+    saved = []  # the step of the last checkpoint written by this run
+
+    def checkpoint() -> None:
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, model, optimizer, st, best_weights, carried, run_config)
+            saved[:] = [st.step]
+
     # --- train
-    while st.step < budget:
-        step_start = time.perf_counter()
-        batch = next(batches)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, st.step, budget) * st.plateau_scale
-        if st.step % per_epoch == 0:
-            carried = (None, [])
-        loss, carried = train_step(model, optimizer, batch, cfg, carried, autocast, task.stream)
-        st.step_seconds += time.perf_counter() - step_start
-        st.step += 1
-        window_loss += loss
-        window_steps += 1
-        window_tokens += batch.inputs.numel()
-        st.tokens += batch.inputs.numel()
-        logger.advance(loss)
-
-        if st.step % cfg.log_every == 0 or st.step == budget:
-            elapsed = time.perf_counter() - window_start
-            lr = optimizer.param_groups[0]["lr"]
-            logger.log({"train/loss": window_loss / window_steps, "train/lr": lr,
-                        "train/tokens_per_s": window_tokens / elapsed}, st.step)  # fmt: skip
-            window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-
-        if st.step % cfg.eval_every == 0 or st.step == budget:
-            val = evaluate(model, task, "valid", cfg.eval_batch_size, autocast)
-            if score(val) > st.best_score:
-                st.best_score, st.best_step, st.best_val = score(val), st.step, val
-                best_weights = copy.deepcopy(model.state_dict())
-            if cfg.schedule == "plateau":
-                plateau_step(st, cfg, val["loss"])
-            st.train_seconds = time.perf_counter() - t_start
-            logger.log({f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60}, st.step)
-            if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, model, optimizer, st, best_weights)
-            if cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc:
-                stop_reason = "early_stop_acc"
+    with stop_signals() as signals:
+        while st.step < budget:
+            step_start = time.perf_counter()
+            batch = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, st.step, budget) * st.plateau_scale
+            if st.step % per_epoch == 0:
+                carried = (None, [])
+            loss, carried = train_step(model, optimizer, batch, cfg, carried, autocast, task.stream)
+            if not math.isfinite(loss):
+                stop_reason = "non_finite_loss"  # nothing of this step is logged or saved
                 break
+            st.step_seconds += time.perf_counter() - step_start
+            st.step += 1
+            st.window_loss += loss
+            st.window_steps += 1
+            st.window_tokens += batch.inputs.numel()
+            st.tokens += batch.inputs.numel()
+            logger.advance(loss)
+
+            if st.step % cfg.log_every == 0 or st.step == budget:
+                elapsed = time.perf_counter() - window_start
+                lr = optimizer.param_groups[0]["lr"]
+                logger.log({"train/loss": st.window_loss / st.window_steps, "train/lr": lr,
+                            "train/tokens_per_s": st.window_tokens / elapsed}, st.step)  # fmt: skip
+                st.window_loss, st.window_steps, st.window_tokens = 0.0, 0, 0
+                window_start = time.perf_counter()
+
+            if st.step % cfg.eval_every == 0 or st.step == budget:
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    st.step -= 1  # the step that made the weights non-finite
+                    stop_reason = "non_finite_loss"
+                    break
+                val = evaluate(model, task, "valid", cfg.eval_batch_size, autocast)
+                if score(val) > st.best_score:
+                    st.best_score, st.best_step, st.best_val = score(val), st.step, val
+                    best_weights = copy.deepcopy(model.state_dict())
+                if cfg.schedule == "plateau":
+                    plateau_step(st, cfg, val["loss"])
+                st.train_seconds = time.perf_counter() - t_start
+                logger.log({f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60}, st.step)
+                checkpoint()
+                if cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc:
+                    stop_reason = "early_stop_acc"
+                    break
+            if signals:  # SIGINT / SIGTERM: keep the step just made, then stop
+                st.train_seconds = time.perf_counter() - t_start
+                name = signal.Signals(signals[0]).name
+                try:
+                    checkpoint()
+                    kept = f"checkpoint saved at step {st.step}; resume=true continues it"
+                except CheckpointError as exc:
+                    kept = str(exc)
+                logger.close_progress()
+                raise RunStopped(f"stopped: {name} at step {st.step}: {kept}", 128 + signals[0])
     logger.close_progress()
     train_seconds = time.perf_counter() - t_start
+    if stop_reason == "non_finite_loss":
+        kept = f"checkpoint.pt keeps step {saved[0]}" if saved else "no checkpoint was written"
+        lr = optimizer.param_groups[0]["lr"]
+        raise RunStopped(
+            f"error: trainer: non-finite loss or weights at step {st.step + 1} (lr {lr:.3g}): the run stopped; "
+            f"{kept}; summary.json: stop_reason=non_finite_loss",
+            1,
+            {"stop_reason": stop_reason, "steps": st.step, "best_step": st.best_step, "budget_steps": budget},
+        )
 
     # --- test with the best validation weights
     model.load_state_dict(best_weights)

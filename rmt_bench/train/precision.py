@@ -92,11 +92,13 @@ def resolve(precision: str, device: torch.device) -> tuple[bool, str]:
         entry = measure_cpu()
         cache[key] = entry
         how = f"measured now, cached in {path}"
-        with contextlib.suppress(OSError):  # a read-only home only means measuring again next time
+        try:  # a read-only home only means measuring again next time
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(cache, indent=1))
             tmp.replace(path)
+        except OSError as exc:
+            how = f"measured now; not cached ({path}: {exc.strerror}), so the next run measures again"
     bf16 = entry["bf16_speedup"] >= SPEEDUP_NEEDED
     line = (
         f"precision auto: {'bf16' if bf16 else 'fp32'} (a training step in bf16 autocast is "
