@@ -44,12 +44,29 @@ def test_xl_same_length_equals_a_sliding_window():
     assert_close(hidden.reshape(2, 15, -1), one_pass, atol=1e-5, rtol=1e-4)
 
 
-def test_xl_clamp_len_limits_distances():
-    a = build_model(tiny_model("xl", mem_len=8), VOCAB).eval()
-    b = build_model(tiny_model("xl", mem_len=8, clamp_len=2), VOCAB).eval()
-    b.load_state_dict(a.state_dict())
+class ClampedDistances(torch.nn.Module):
+    """The reference for clamp_len: the unclamped model's distance embedding, fed explicitly clamped distances."""
+
+    def __init__(self, inner: torch.nn.Module, clamp_len: int):
+        super().__init__()
+        self.inner, self.clamp_len = inner, clamp_len
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        assert d.abs().max() > self.clamp_len  # the test would prove nothing otherwise
+        return self.inner(d.clamp(-self.clamp_len, self.clamp_len))
+
+
+def test_xl_clamp_len_equals_explicitly_clamped_distances():
+    """clamp_len=2 == the unclamped model whose distance embedding sees min(max(d, -2), 2) (Transformer-XL)."""
+    from rmt_bench.models.layers import relative_distances
+
+    assert relative_distances(3, 6, 2).tolist() == [2, 2, 2, 2, 1, 0, -1, -2]  # K-1 ... 1-Q, clamped to [-2, 2]
+    ref = build_model(tiny_model("xl", mem_len=8), VOCAB).eval()
+    clamped = build_model(tiny_model("xl", mem_len=8, clamp_len=2), VOCAB).eval()
+    clamped.load_state_dict(ref.state_dict())
+    ref.backbone.distances = ClampedDistances(ref.backbone.distances, 2)
     x = tokens(b=2, s=2, n=5)
-    assert not torch.allclose(a(x)[0], b(x)[0])
+    assert_close(clamped(x)[0], ref(x)[0], atol=1e-6, rtol=1e-6)
 
 
 def test_xl_cache_carries_no_gradient():
@@ -87,13 +104,26 @@ def test_rmt_xl_cache_holds_memory_token_states_and_changes_the_output():
     assert not torch.allclose(hidden[:, 1], rmt(x)[0][:, 1])
 
 
-def test_read_mem_from_cache_lets_read_memory_see_the_cache():
-    a = build_model(tiny_model("rmt_xl", mem_len=8), VOCAB).eval()
-    b = build_model(tiny_model("rmt_xl", mem_len=8, read_mem_from_cache=True), VOCAB).eval()
-    b.load_state_dict(a.state_dict())
-    x = tokens(s=2, n=4)
-    assert_close(a(x)[0][:, 0], b(x)[0][:, 0])
-    assert not torch.allclose(a(x)[0][:, 1], b(x)[0][:, 1])
+def test_read_mem_from_cache_opens_exactly_the_read_rows_to_the_cache():
+    """The mask read back: read rows see the cache columns only with the switch, every other entry is the same;
+    and the switched model equals the plain one whose segments get that mask."""
+    from rmt_bench.models.recurrence import attention_mask
+
+    m, n, c = 2, 3, 4
+    on, off = (attention_mask(n, m, True, c, flag, 0, torch.device("cpu")) == 0 for flag in (True, False))
+    assert on[:m, :c].all() and not off[:m, :c].any()
+    assert torch.equal(on[m:], off[m:]) and torch.equal(on[:m, c:], off[:m, c:])
+    plain = build_model(tiny_model("rmt_xl", mem_len=8), VOCAB).eval()
+    switched = build_model(tiny_model("rmt_xl", mem_len=8, read_mem_from_cache=True), VOCAB).eval()
+    switched.load_state_dict(plain.state_dict())
+    x = tokens(s=3, n=4)
+    ref = plain._mask
+    plain._mask = lambda n, write, state, device: attention_mask(
+        n, 3, write, state.cache[0].shape[1] if state.cache else 0, True, 0, device
+    )
+    assert_close(switched(x)[0], plain(x)[0], atol=1e-6, rtol=1e-6)
+    plain._mask = ref
+    assert (switched(x)[0][:, 1:] - plain(x)[0][:, 1:]).abs().max() > 1e-6  # and the cache does reach memory
 
 
 def test_rmt_xl_gradient_reaches_earlier_segments_through_memory():
