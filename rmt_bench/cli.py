@@ -310,11 +310,15 @@ def check_environment(args: list[str]) -> None:
                 _fail(f"{key}: {path} is a file; give a directory (new or an earlier run's)")
 
 
+# Hydra's own flags; with these the words after them are Hydra's (e.g. `-sc install=bash`), not config overrides
+HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "--info", "-i", "-sc", "--shell-completion")
+
+
 def main() -> None:
     """Console script `rmt-bench`."""
     args = sys.argv[1:]
     check_environment(args)
-    if not any(a in ("-h", "--help", "--hydra-help", "--info", "-i") for a in args):
+    if not any(a in HYDRA_FLAGS or a.startswith(("--shell-completion=", "--info=")) for a in args):
         try:
             precheck(args)
         except SystemExit:

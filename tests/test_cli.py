@@ -254,3 +254,13 @@ def test_every_model_trains_on_every_task(tmp_path, task, model):
     assert summary["steps"] == 3 and summary["model"] == model and summary["test/loss"] > 0
     assert 0.0 <= summary["test/acc"] <= 1.0 if task not in LM_TASKS else summary["test/ppl"] > 1.0
     assert (tmp_path / "summary.json").exists()
+
+
+def test_shell_completion_installs_and_completes(tmp_path):
+    """Hydra's own flags are left to Hydra: `-sc install=bash` prints the script, a query lists the options."""
+    script = run_cli("-sc", "install=bash", cwd=tmp_path)
+    assert script.returncode == 0 and "hydra_bash_completion" in script.stdout, script.stderr
+    query = run_cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "rmt-bench task="})
+    assert query.returncode == 0 and set(query.stdout.split()) >= {f"task={t}" for t in options("task")}
+    keys = run_cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "rmt-bench model=r"})
+    assert keys.stdout.split() == ["model=rmt", "model=rmt_xl"]
