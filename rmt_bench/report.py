@@ -103,8 +103,12 @@ def table(bench_dir: Path, scale: str) -> tuple[str, list[dict]]:
     return "\n".join(lines) + "\n", rows
 
 
-def figure(rows: list[dict], title: str, xlabel: str, ylabel: str, path: Path) -> None:
-    import matplotlib
+def figure(rows: list[dict], title: str, xlabel: str, ylabel: str, path: Path) -> bool:
+    """The figure as a PNG; False (nothing written) without matplotlib, the `report` extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -136,9 +140,10 @@ def figure(rows: list[dict], title: str, xlabel: str, ylabel: str, path: Path) -
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
-def log_to_wandb(made: list[tuple[str, str, list[dict], Path]], out: Path, mode: str) -> str:
+def log_to_wandb(made: list[tuple[str, str, list[dict], Path | None]], out: Path, mode: str) -> str:
     """Each table (a wandb.Table, plus the Markdown) and figure (a wandb.Image) into one run of job type "report"."""
     import wandb
 
@@ -151,8 +156,8 @@ def log_to_wandb(made: list[tuple[str, str, list[dict], Path]], out: Path, mode:
             vals = r["values"]
             cells.add_data(r["name"], r["series"], str(r["x"]), r["hash"], r.get("mean"), min(vals, default=None),
                            max(vals, default=None), len(vals), r["paper"])  # fmt: skip
-        run.log({f"{stem}/table": cells, f"{stem}/figure": wandb.Image(str(png)), f"{stem}/markdown": wandb.Html(
-            f"<pre>{text}</pre>")})  # fmt: skip
+        figure = {f"{stem}/figure": wandb.Image(str(png))} if png is not None else {}
+        run.log({f"{stem}/table": cells, f"{stem}/markdown": wandb.Html(f"<pre>{text}</pre>")} | figure)
     where = Path(run.dir).parent  # the run's directory (files/ holds the media)
     run.finish()
     return str(where)
@@ -179,10 +184,12 @@ def main(argv: list[str] | None = None) -> None:
             stem = f"{bench.name}_{scale}"
             (args.out / f"{stem}.md").write_text(text)
             png = args.out / f"{stem}.png"
-            figure(rows, f"{bench.name} ({scale})", str(data.get("x", "cell")), data["metric"], png)
-            made.append((stem, text, rows, png))
+            drawn = figure(rows, f"{bench.name} ({scale})", str(data.get("x", "cell")), data["metric"], png)
+            made.append((stem, text, rows, png if drawn else None))
             print(text)
-            print(f"-> {args.out / stem}.md, {png}\n")
+            print(f"-> {args.out / stem}.md" + (f", {png}\n" if drawn else "\n"))
+    if made and made[0][3] is None:
+        print("warning: no figures: matplotlib is not installed (pip install 'rmt-bench[report]')", file=sys.stderr)
     if args.wandb != "disabled":
         where = log_to_wandb(made, args.out, args.wandb)
         print(f"-> W&B ({args.wandb}): {where}" + (f" (upload: wandb sync {where})" if args.wandb == "offline" else ""))
