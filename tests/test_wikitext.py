@@ -302,3 +302,13 @@ def test_training_carries_state_across_batches_and_resets_each_epoch(tmp_path, m
     assert seen[0] == (None, 0)
     assert seen[1][0] is not None and seen[1][0].memory is not None and seen[1][1] == 1
     assert seen[per_epoch] == (None, 0)  # a new epoch starts the stream again
+
+
+def test_no_network_is_found_in_seconds_with_one_line(tmp_path):
+    """Without HF_HUB_OFFLINE and with the Hub unreachable (a closed local port), the probe declares the Hub
+    offline before `datasets` loads: one line naming the cause, no retries, no duplicated warnings."""
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    res = run_cli("task=wikitext103", "logger=none", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: task.data_dir: no WikiText-103 here: no network, and not in the Hugging Face")

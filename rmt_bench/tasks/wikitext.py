@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -70,16 +72,38 @@ class LocalSource:
         return h.hexdigest()[:16]
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (or $HF_ENDPOINT) answers a TCP connection within `timeout` seconds."""
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 class HubSource:
+    """The data set through `datasets` and the Hugging Face cache: downloaded into the cache when online (once),
+    read from the cache when offline. Without a network the Hub is declared offline before `datasets` loads, so
+    a missing data set fails at once instead of after its retries."""
+
     def __init__(self, name: str, config: str):
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        where = "offline (HF_HUB_OFFLINE) and not in the Hugging Face cache" if offline else ""
+        if not offline and not hub_reachable():
+            os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # read before datasets loads
+            where = "no network, and not in the Hugging Face cache"
         try:
             import datasets
 
+            datasets.logging.set_verbosity_error()  # the line below says what went wrong, once
             self.data = datasets.load_dataset(name, config)
         except Exception as exc:
+            where = where or "not in the Hugging Face cache"
             raise DataMissing(
                 "task.data_dir",
-                f"no WikiText-103 here: not in the Hugging Face cache ({type(exc).__name__}) and no "
+                f"no WikiText-103 here: {where} ({type(exc).__name__}) and no "
                 f"task.data_dir; either run `python scripts/prepare_data.py wikitext103 <archive.zip> DIR` and pass "
                 f"task.data_dir=DIR, or download `{name}` ({config}) into the HF cache while online",
             ) from None
