@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[dev,bench,report]"
+	$(PY) -m pip install --quiet -e ".[dev,bench,report,sweep]"
 	@touch $@
 
 run: install

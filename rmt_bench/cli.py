@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rmt_bench.config import (
     LM_TASKS,
+    SWEEP_DIRECTION,
     ConfigError,
     LMTaskConfig,
     LoggerConfig,
@@ -62,6 +63,8 @@ def swept_dirname(job_overrides) -> str:
 
 
 OmegaConf.register_new_resolver("swept_dirname", swept_dirname, replace=True)
+# configs/hydra/sweeper/tune.yaml: maximize accuracy / exact match, minimize perplexity / bpc
+OmegaConf.register_new_resolver("sweep_direction", lambda task: SWEEP_DIRECTION[task], replace=True)
 
 
 def _fail(message: str) -> None:
@@ -158,6 +161,9 @@ def hydra_main(dcfg: DictConfig) -> float:
     try:
         cfg = to_run_config(dcfg)
         cfg.logger.group, cfg.logger.name = _job_identity()
+        n_jobs = OmegaConf.select(hc.launcher, "n_jobs", default=None) if hc.mode == RunMode.MULTIRUN else None
+        if isinstance(n_jobs, int) and n_jobs > 1 and cfg.trainer.num_threads is None:  # jobs side by side
+            cfg.trainer.num_threads = max(1, (os.cpu_count() or 1) // n_jobs)
         run_dir = Path(hc.runtime.output_dir)
         summary = run(cfg, run_dir, resume=cfg.resume)
     except Exception as exc:
@@ -178,7 +184,8 @@ def hydra_main(dcfg: DictConfig) -> float:
             f.write(line + "\n")
         return float("nan")
     print(summary_line(summary), flush=True)
-    return summary[f"test/{headline(summary)}"]  # the value a Hydra sweeper (e.g. optuna) optimises
+    # what a sweeper (hydra/sweeper=tune) optimises: the best validation value, never a test number
+    return summary.get(f"val/best_{headline(summary)}", float("nan"))
 
 
 # ---------------------------------------------------------------- command-line checks before Hydra runs

@@ -22,6 +22,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
+# the direction of each task's headline metric, for sweepers (configs/hydra/sweeper/tune.yaml)
+SWEEP_DIRECTION = {"copy": "maximize", "reverse": "maximize", "retrieval": "maximize", "quadratic": "maximize",
+                   "wikitext103": "minimize", "enwik8": "minimize"}  # fmt: skip
 
 
 class ConfigError(ValueError):

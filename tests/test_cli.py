@@ -4,6 +4,7 @@ with one line."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,36 @@ def test_shell_completion_installs_and_completes(tmp_path):
     assert query.returncode == 0 and set(query.stdout.split()) >= {f"task={t}" for t in options("task")}
     keys = run_cli("-sc", "query=bash", cwd=tmp_path, env={"COMP_LINE": "rmt-bench model=r"})
     assert keys.stdout.split() == ["model=rmt", "model=rmt_xl"]
+
+
+SWEEP_TINY = [*TINY, "trainer.max_minutes=null", "trainer.max_steps=10", "trainer.eval_every=5"]
+
+
+def test_the_optuna_sweeper_tunes_on_the_best_validation_value_in_the_tasks_direction(tmp_path):
+    """hydra/sweeper=tune: each job returns its best validation accuracy (never a test number); Optuna's best
+    value is the largest of them for an accuracy task, and the direction follows the task."""
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    res = run_cli("-m", "hydra/sweeper=tune", "hydra.sweeper.n_trials=2", *SWEEP_TINY,
+                  "trainer.lr=tag(log, interval(1e-4, 1e-2))", f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"]
+    vals = [json.loads(p.read_text())["val/best_acc"] for p in sweep.glob("*/summary.json")]
+    assert len(vals) == 2 and best == max(vals)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for task, direction in (("reverse", "maximize"), ("quadratic", "maximize"), ("wikitext103", "minimize")):
+            cfg = compose("config", [f"task={task}", "hydra/sweeper=tune"], return_hydra_config=True)
+            assert cfg.hydra.sweeper.direction == direction
+
+
+def test_the_joblib_launcher_runs_jobs_side_by_side_with_the_threads_split(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = run_cli("-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *SWEEP_TINY, "model=vanilla,rmt",
+                  f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    configs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/config.json"))]
+    assert [c["model"]["name"] for c in configs] == ["vanilla", "rmt"]
+    assert all(c["trainer"]["num_threads"] == max(1, (os.cpu_count() or 1) // 2) for c in configs)
+    assert all((p.parent / "summary.json").exists() for p in sweep.glob("*/config.json"))
