@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -35,6 +36,7 @@ class RunLogger:
         self.metrics_path = self.run_dir / METRICS_FILE
         self._metrics = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish)
         self._bar = None
+        self._plain, self._shown = False, {}
         self.wandb = None
         self.config = config
         self._write_config()
@@ -87,20 +89,47 @@ class RunLogger:
             except Exception as exc:
                 self._wandb_failed("update the config", exc)
 
-    # --- progress bar (quiet when stderr is not a terminal)
+    # --- progress: one bar on a terminal; plain lines elsewhere (CI, nohup, SLURM logs)
+    PLAIN_EVERY_SECONDS = 30.0
+
     def start_progress(self, total: int, initial: int = 0) -> None:
-        self._bar = tqdm(total=total, initial=initial, disable=None, dynamic_ncols=True, desc="train")
+        """`total` is the step budget that will stop the run (max_steps, or what max_minutes allows)."""
+        self._total, self._start_step, self._t0 = total, initial, time.perf_counter()
+        self._last_plain, self._shown = self._t0, {}
+        self._plain = not sys.stderr.isatty()
+        if not self._plain:
+            self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
 
     def advance(self, loss: float) -> None:
+        self._shown["loss"] = loss
         if self._bar is not None:
             self._bar.update(1)
             if self._bar.n % 10 == 0:
-                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                self._bar.set_postfix(self._shown_text(), refresh=False)
+        elif self._plain and time.perf_counter() - self._last_plain >= self.PLAIN_EVERY_SECONDS:
+            self._plain_line(self._shown.get("step", self._start_step) + 1)
+
+    def _shown_text(self) -> dict:
+        return {k: f"{v:.4f}" for k, v in self._shown.items() if k == "loss" or k.startswith("val ")}
+
+    def _plain_line(self, step: int) -> None:
+        """`step 250/2000 | loss 1.2345 | lr 2.0e-03 | 9800 tok/s | val acc 0.5120 | ETA 3.2 min`"""
+        elapsed, done = time.perf_counter() - self._t0, max(step - self._start_step, 1)
+        eta = elapsed / done * max(self._total - step, 0) / 60
+        parts = [f"step {step}/{self._total}", f"loss {self._shown.get('loss', float('nan')):.4f}"]
+        if "lr" in self._shown:
+            parts.append(f"lr {self._shown['lr']:.1e}")
+        if "tok/s" in self._shown:
+            parts.append(f"{self._shown['tok/s']:.0f} tok/s")
+        parts += [f"{k} {v:.4f}" for k, v in self._shown.items() if k.startswith("val ")]
+        print(" | ".join([*parts, f"ETA {eta:.1f} min"]), file=sys.stderr, flush=True)
+        self._last_plain = time.perf_counter()
 
     def close_progress(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self._plain = False
 
     def info(self, message: str) -> None:
         (tqdm.write if self._bar is not None else print)(message, file=sys.stderr)
@@ -110,8 +139,20 @@ class RunLogger:
         record = {"step": step} | {k: _plain(v) for k, v in metrics.items()}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        if "val/acc" in metrics and self._bar is not None:
-            self._bar.set_postfix(val_acc=f"{metrics['val/acc']:.3f}", refresh=False)
+        self._shown["step"] = step
+        for key in ("acc", "final_exact", "ppl", "bpc"):
+            if f"val/{key}" in metrics:
+                self._shown[f"val {key}"] = metrics[f"val/{key}"]
+        if "train/loss" in metrics:
+            self._shown |= {
+                "loss": metrics["train/loss"],
+                "lr": metrics["train/lr"],
+                "tok/s": metrics["train/tokens_per_s"],
+            }
+            if self._plain:
+                self._plain_line(step)
+        elif self._bar is not None:
+            self._bar.set_postfix(self._shown_text(), refresh=False)
         if self.wandb is not None:
             try:
                 self.wandb.log(metrics, step=step)

@@ -219,12 +219,14 @@ def test_wandb_offline_needs_no_network(tmp_path):
 
 
 def test_a_failing_wandb_keeps_local_metrics(tmp_path):
+    """wandb cannot write its run (its directory is taken by a file): one warning line, the run goes on."""
     args = [a for a in TINY if a != "logger=none"]
-    res = run_cli(
-        *args, "logger=wandb", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env={"WANDB_MODE": "no-such-mode"}
-    )
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wandb").write_text("a file where wandb's directory would go")
+    res = run_cli(*args, "logger=wandb", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "warning: wandb failed" in res.stderr
+    warnings = [line for line in res.stderr.splitlines() if "wandb failed" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: wandb failed to start (NotADirectoryError")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
 
@@ -298,3 +300,17 @@ def test_the_joblib_launcher_runs_jobs_side_by_side_with_the_threads_split(tmp_p
     assert [c["model"]["name"] for c in configs] == ["vanilla", "rmt"]
     assert all(c["trainer"]["num_threads"] == max(1, (os.cpu_count() or 1) // 2) for c in configs)
     assert all((p.parent / "summary.json").exists() for p in sweep.glob("*/config.json"))
+
+
+def test_off_a_terminal_progress_is_one_plain_line_per_log_step(tmp_path):
+    """stderr to a file (CI, nohup, SLURM): `step k/budget | loss | lr | tok/s | val ... | ETA` at every log step,
+    the budget being the one that stops the run, the last validation value carried forward."""
+    import re
+
+    args = [*TINY, "trainer.max_minutes=null", "trainer.log_every=2", "trainer.eval_every=3"]
+    res = run_cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("step ")]
+    pattern = r"step (\d)/6 \| loss \d\.\d{4} \| lr [\d.e+-]+ \| \d+ tok/s( \| val acc \d\.\d{4})? \| ETA \d+\.\d min"
+    assert [re.fullmatch(pattern, line).group(1) for line in lines] == ["2", "4", "6"], res.stderr
+    assert "val acc" not in lines[0] and "val acc" in lines[1]  # the first validation comes at step 3
