@@ -92,8 +92,9 @@ def _job_identity() -> tuple[str | None, str | None]:
     return None, name
 
 
-def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
-    """Build task and model, train, test; writes metrics.jsonl and summary.json into `run_dir`."""
+def run(cfg: RunConfig, run_dir: Path, resume: bool = False, choices: dict | None = None) -> dict:
+    """Build task and model, train, test; writes metrics.jsonl and summary.json into `run_dir`. `choices` (the
+    Hydra config-group choices) go into config.json and W&B beside the resolved config."""
     import torch
 
     from rmt_bench.logging import RunLogger
@@ -107,7 +108,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, device)
     model = build_model(cfg.model, task.vocab_size, task.pad_front)
-    logger = RunLogger(cfg.logger, run_dir, asdict(cfg))
+    logger = RunLogger(cfg.logger, run_dir, asdict(cfg) | ({"choices": choices} if choices else {}), resume)
     exit_code = 1
     identity = {
         "task": cfg.task.name, "model": cfg.model.name, "arch": cfg.model.arch, "scale": cfg.scale,
@@ -165,7 +166,8 @@ def hydra_main(dcfg: DictConfig) -> float:
         if isinstance(n_jobs, int) and n_jobs > 1 and cfg.trainer.num_threads is None:  # jobs side by side
             cfg.trainer.num_threads = max(1, (os.cpu_count() or 1) // n_jobs)
         run_dir = Path(hc.runtime.output_dir)
-        summary = run(cfg, run_dir, resume=cfg.resume)
+        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+        summary = run(cfg, run_dir, resume=cfg.resume, choices=choices)
     except Exception as exc:
         known = isinstance(exc, (ConfigError, CheckpointError, RunStopped))  # one line; else a bug: traceback
         if full_error or (hc.mode != RunMode.MULTIRUN and not known):

@@ -283,7 +283,8 @@ class LoggerConfig:
     project: str = "rmt-bench"
     mode: str = "offline"  # WANDB_MODE in the environment wins, as wandb itself does
     entity: str | None = None
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # added to the run's own: task, model, backbone style
+    log_checkpoint: bool = False  # the final checkpoint.pt as a W&B artifact (type model)
     # filled by the CLI from Hydra's job info
     group: str | None = None
     name: str | None = None

@@ -28,8 +28,21 @@ def _plain(value):
     return value
 
 
+def wandb_server_reachable(timeout: float) -> bool:
+    """Whether the W&B server ($WANDB_BASE_URL, else api.wandb.ai) answers a TCP connection within `timeout`."""
+    import socket
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 class RunLogger:
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -38,30 +51,47 @@ class RunLogger:
         self._bar = None
         self._plain, self._shown = False, {}
         self.wandb = None
-        self.config = config
+        self.config, self.resume = config, resume
         self._write_config()
         if cfg.kind == "wandb":
             self._start_wandb(config)
 
     # --- W&B (never fatal)
+    WANDB_ID_FILE = "wandb_id.txt"  # the run's W&B id: resume=true continues the same W&B run
+    SERVER_PROBE_SECONDS = 3.0
+
     def _start_wandb(self, config: dict) -> None:
         try:
             import wandb
 
             mode = os.environ.get("WANDB_MODE", self.cfg.mode)
+            if mode == "online" and not wandb_server_reachable(self.SERVER_PROBE_SECONDS):
+                mode = "offline"
+                print(f"warning: the W&B server does not answer; logging offline to {self.run_dir / 'wandb'} "
+                      "(`wandb sync` uploads it later)", file=sys.stderr)  # fmt: skip
+            id_file = self.run_dir / self.WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if self.resume and id_file.exists() else None
+            model, task = config.get("model", {}), config.get("task", {})
+            tags = [t for t in (task.get("name"), model.get("name"), model.get("arch")) if t] + list(self.cfg.tags)
             self.wandb = wandb.init(
                 project=self.cfg.project,
                 entity=self.cfg.entity,
-                group=self.cfg.group,
+                group=self.cfg.group or task.get("name"),  # the sweep, or the task for single runs
+                job_type="train",
                 name=self.cfg.name,
-                tags=self.cfg.tags or None,
+                tags=list(dict.fromkeys(tags)),
                 config=config,
                 dir=str(self.run_dir),
                 mode=mode,
-                settings=wandb.Settings(console="off", silent=True),
+                id=run_id,
+                resume="allow" if run_id else None,
+                settings=wandb.Settings(console="wrap", silent=True),
             )
-            self.wandb.define_metric("val/acc", summary="max")
-            self.wandb.define_metric("val/loss", summary="min")
+            id_file.write_text(self.wandb.id)
+            for key in ("acc", "acc_tf", "exact", "final_exact"):
+                self.wandb.define_metric(f"val/{key}", summary="max")
+            for key in ("loss", "ppl", "bpc"):
+                self.wandb.define_metric(f"val/{key}", summary="min")
         except Exception as exc:  # offline W&B needs no network; anything else is reported, not fatal
             self._wandb_failed("start", exc)
 
@@ -180,6 +210,16 @@ class RunLogger:
     def finish(self, exit_code: int = 0) -> None:
         self.close_progress()
         self._metrics.close()
+        checkpoint = self.run_dir / "checkpoint.pt"
+        if self.wandb is not None and self.cfg.log_checkpoint and checkpoint.exists():
+            try:
+                import wandb
+
+                artifact = wandb.Artifact(f"checkpoint-{self.wandb.id}", type="model")
+                artifact.add_file(str(checkpoint))
+                self.wandb.log_artifact(artifact)
+            except Exception as exc:
+                self._wandb_failed("log the checkpoint", exc)
         if self.wandb is not None:
             try:
                 self.wandb.finish(exit_code=exit_code)

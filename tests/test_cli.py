@@ -218,6 +218,39 @@ def test_wandb_offline_needs_no_network(tmp_path):
     assert (tmp_path / "run" / "summary.json").exists()
 
 
+def test_a_resumed_run_continues_its_wandb_run_and_the_console_is_captured(tmp_path):
+    args = [
+        *(a for a in TINY if a != "logger=none"),
+        "logger=wandb",
+        "trainer.max_minutes=null",
+        "trainer.eval_every=3",
+    ]
+    run_dir = tmp_path / "run"
+    first = run_cli(*args, "trainer.max_steps=6", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run_id = (run_dir / "wandb_id.txt").read_text()
+    again = run_cli(*args, "trainer.max_steps=9", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one W&B run, continued
+    console = (runs[-1] / "files" / "output.log").read_text()  # the console, captured
+    assert "resumed from" in console and "step 9/9" in console
+    choices = json.loads((run_dir / "config.json").read_text())["choices"]
+    assert choices["model"] == "rmt" and choices["backbone"] == "tiny" and choices["trainer"] == "default"
+
+
+def test_online_wandb_without_a_server_falls_back_to_offline_at_once(tmp_path):
+    """An unreachable server (a closed local port): one warning line, an offline run to sync later, no wait."""
+    args = [*(a for a in TINY if a != "logger=none"), "logger=wandb", "logger.log_checkpoint=true"]
+    env = {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    res = run_cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: the W&B server does not answer; logging offline to {tmp_path}/run/wandb "
+                        "(`wandb sync` uploads it later)"]  # fmt: skip
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
+
+
 def test_a_failing_wandb_keeps_local_metrics(tmp_path):
     """wandb cannot write its run (its directory is taken by a file): one warning line, the run goes on."""
     args = [a for a in TINY if a != "logger=none"]
