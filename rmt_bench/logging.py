@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rmt_bench.config import LoggerConfig
+from rmt_bench.net import reachable
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -26,19 +27,6 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-def wandb_server_reachable(timeout: float) -> bool:
-    """Whether the W&B server ($WANDB_BASE_URL, else api.wandb.ai) answers a TCP connection within `timeout`."""
-    import socket
-    import urllib.parse
-
-    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 class RunLogger:
@@ -65,7 +53,8 @@ class RunLogger:
             import wandb
 
             mode = os.environ.get("WANDB_MODE", self.cfg.mode)
-            if mode == "online" and not wandb_server_reachable(self.SERVER_PROBE_SECONDS):
+            server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+            if mode == "online" and not reachable(server, self.SERVER_PROBE_SECONDS):
                 mode = "offline"
                 print(f"warning: the W&B server does not answer; logging offline to {self.run_dir / 'wandb'} "
                       "(`wandb sync` uploads it later)", file=sys.stderr)  # fmt: skip

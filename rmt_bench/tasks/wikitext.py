@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from rmt_bench.config import ConfigError, LMTaskConfig
+from rmt_bench.net import reachable
 from rmt_bench.tasks.algorithmic import Batch
 
 EOS = "<eos>"
@@ -72,17 +71,6 @@ class LocalSource:
         return h.hexdigest()[:16]
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub (or $HF_ENDPOINT) answers a TCP connection within `timeout` seconds."""
-    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 class HubSource:
     """The data set through `datasets` and the Hugging Face cache: downloaded into the cache when online (once),
     read from the cache when offline. Without a network the Hub is declared offline before `datasets` loads, so
@@ -91,7 +79,7 @@ class HubSource:
     def __init__(self, name: str, config: str):
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         where = "offline (HF_HUB_OFFLINE) and not in the Hugging Face cache" if offline else ""
-        if not offline and not hub_reachable():
+        if not offline and not reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
             os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # read before datasets loads
             where = "no network, and not in the Hugging Face cache"
         try:

@@ -58,6 +58,10 @@ def carried_from_payload(data: dict | None, device) -> tuple:
     return _state_from_dict(data["state"], device), history
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def save_checkpoint(
     path: Path,
     model: torch.nn.Module,
@@ -69,7 +73,7 @@ def save_checkpoint(
 ) -> None:
     """Writes the checkpoint atomically; refuses (CheckpointError) weights that are not finite, so the last good
     checkpoint is never replaced by a diverged one."""
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    if not weights_finite(model):
         raise CheckpointError(f"{path}: not overwritten, the model's weights are not finite (the run diverged)")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -21,7 +21,7 @@ from rmt_bench.errors import CheckpointError, RunStopped
 from rmt_bench.logging import RunLogger
 from rmt_bench.models import RecurrentModel, generate_greedy, train_segments
 from rmt_bench.tasks import AlgorithmicTask
-from rmt_bench.train.checkpoint import load_checkpoint, save_checkpoint
+from rmt_bench.train.checkpoint import load_checkpoint, save_checkpoint, weights_finite
 from rmt_bench.train.precision import resolve as resolve_precision
 
 
@@ -362,7 +362,7 @@ def fit(
                 window_start = time.perf_counter()
 
             if st.step % cfg.eval_every == 0 or st.step == budget:
-                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                if not weights_finite(model):
                     st.step -= 1  # the step that made the weights non-finite
                     stop_reason = "non_finite_loss"
                     break
