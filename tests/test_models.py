@@ -115,8 +115,6 @@ def test_stateless_models_fold_segments_into_the_batch_exactly():
 def test_the_last_segment_sees_its_history_only_through_the_carried_memory():
     """Same last segment, different histories: each output equals one `segment` pass from the memory its own
     history wrote, the memory-reset control equals a pass from the initial memory, and vanilla ignores history."""
-    from rmt_bench.train.loop import memory_reset
-
     model = build_model(tiny_model("rmt"), VOCAB).eval()
     x, y = tokens(seed=1), tokens(seed=2)
     y[:, -1] = x[:, -1]
@@ -124,9 +122,9 @@ def test_the_last_segment_sees_its_history_only_through_the_carried_memory():
         for seq in (x, y):
             _, state = model(seq[:, :-1])
             assert_close(model(seq)[0][:, -1], model.segment(seq[:, -1], state)[0], atol=1e-6, rtol=1e-6)
-            with memory_reset(model):
-                fresh = model.segment(seq[:, -1], model.initial_state())[0]
-                assert_close(model(seq)[0][:, -1], fresh, atol=1e-6, rtol=1e-6)
+            reset = model(seq, model.initial_state(reset_memory=True))[0][:, -1]
+            fresh = model.segment(seq[:, -1], SegmentState())[0]  # the learned initial memory
+            assert_close(reset, fresh, atol=1e-6, rtol=1e-6)
         assert (model(x)[0][:, -1] - model(y)[0][:, -1]).abs().max() > 1e-4  # the histories' memories differ
     vanilla = build_model(tiny_model("vanilla"), VOCAB).eval()
     assert_close(vanilla(x)[0][:, -1], vanilla(y)[0][:, -1])

@@ -82,7 +82,7 @@ def test_quadratic_roots_satisfy_their_equation_and_rootless_ones_have_a_negativ
 
 def test_quadratic_headline_is_the_final_steps_exact_match():
     """Known values: a wrong solution step spoils `exact` but not `final_exact`; a wrong answer spoils both."""
-    from rmt_bench.train.loop import answer_hits
+    from rmt_bench.tasks.algorithmic import answer_hits
 
     task = build_task(tiny_task("quadratic", segments=6, length=1))
     b = task.splits["test"]

@@ -158,6 +158,42 @@ def test_one_pass_equals_chunks_with_state_carried(tmp_path, name):
     assert_close(whole, torch.cat(parts, 1))
 
 
+def stream_nll(model, task, split: str, bsz: int, n: int) -> float:
+    """The reference for stream evaluation: the split's columns as one pass of the segment loop over all its
+    full segments, then the shorter last one from the state it leaves; mean nll per token."""
+    cols = task.columns(split, bsz)
+    x, y = cols[:, :-1], cols[:, 1:]
+    full = x.shape[1] // n * n
+    with torch.no_grad():
+        hidden, state = model(x[:, :full].reshape(bsz, -1, n))
+        nll = model.head.nll(hidden.flatten(0, 2), y[:, :full].flatten()).sum()
+        if full < x.shape[1]:
+            rest, _ = model(x[:, None, full:], state)
+            nll += model.head.nll(rest.flatten(0, 2), y[:, full:].flatten()).sum()
+    return nll.item() / y.numel()
+
+
+@pytest.mark.parametrize("name", ["xl", "rmt", "rmt_xl"])
+def test_stream_evaluation_carries_state_as_one_long_pass(tmp_path, name):
+    task = build_task(lm_cfg(tmp_path, eval_segment_len=7))
+    model = build_model(tiny_model(name, init_std=0.5), task.vocab_size)  # outputs that depend on the context
+    out = evaluate(model, task, "valid", 3, contextlib.nullcontext)
+    assert out["loss"] == pytest.approx(stream_nll(model.eval(), task, "valid", 3, 7), rel=1e-5)
+
+
+def test_evaluation_cache_length_is_passed_in_not_written_into_the_model(tmp_path):
+    """task.eval_mem_len=12 on a model trained with mem_len=4 == the same weights built with mem_len=12; the
+    model's own config keeps 4. (init 0.5: outputs that depend on the context beyond the tolerance)"""
+    task = build_task(lm_cfg(tmp_path, eval_mem_len=12))
+    model = build_model(tiny_model("xl", mem_len=4, init_std=0.5), task.vocab_size)
+    longer = build_model(tiny_model("xl", mem_len=12, init_std=0.5), task.vocab_size).eval()
+    longer.load_state_dict(model.state_dict())
+    out = evaluate(model, task, "valid", 3, contextlib.nullcontext)
+    assert model.cfg.mem_len == 4
+    assert out["loss"] == pytest.approx(stream_nll(longer, task, "valid", 3, 8), rel=1e-5)
+    assert out["loss"] != pytest.approx(stream_nll(model.eval(), task, "valid", 3, 8), rel=1e-3)
+
+
 def test_uniform_model_has_perplexity_of_the_vocabulary(tmp_path):
     task = build_task(lm_cfg(tmp_path))
     model = build_model(tiny_model("xl"), task.vocab_size)

@@ -14,6 +14,7 @@ Shapes: B batch, S segments, n segment_len, m num_mem_tokens, M cache length, d 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,16 +30,20 @@ from rmt_bench.models.layers import KVBuffer
 
 @dataclass
 class SegmentState:
-    """What one segment hands to the next. `memory` None means the learned initial memory."""
+    """What one segment hands to the next. `memory` None means the learned initial memory.
+
+    The last two fields are evaluation settings that travel with a sequence (`RecurrentModel.initial_state`),
+    so the model's config is never changed to evaluate differently from training."""
 
     memory: Tensor | None = None  # (B, m, d): next segment's read (and write) memory
     cache: list[Tensor] | None = None  # per layer (B, M, d), detached (Transformer-XL)
     pad: int = 0  # front-padding tokens still ahead in the sequence (hidden from attention)
     cache_hidden: tuple[int, ...] = ()  # cache columns that hold padding (hidden from attention)
+    mem_len: int | None = None  # cache length kept (and same_length window); None: the model's mem_len
+    reset_memory: bool = False  # the memory-reset control: every segment reads the initial memory, none written
 
     def detach(self) -> SegmentState:
-        memory = None if self.memory is None else self.memory.detach()
-        return SegmentState(memory, self.cache, self.pad, self.cache_hidden)
+        return dataclasses.replace(self, memory=None if self.memory is None else self.memory.detach())
 
 
 @lru_cache(maxsize=64)
@@ -100,9 +105,14 @@ class RecurrentModel(nn.Module):
     def head(self):
         return self.backbone.head
 
-    def initial_state(self) -> SegmentState:
-        """The state before a sequence's first segment."""
-        return SegmentState(pad=self.pad_front)
+    def initial_state(self, mem_len: int | None = None, reset_memory: bool = False) -> SegmentState:
+        """The state before a sequence's first segment. Evaluation settings: `mem_len`, a Transformer-XL cache
+        length other than the trained one (models without a cache ignore it); `reset_memory`, the control in
+        which every segment reads the learned initial memory and nothing is carried by memory tokens (the write
+        block, which the tokens never see, is left out). A model that stores the answer in its memory falls
+        back to chance under it."""
+        kept = mem_len if mem_len is not None and self.cfg.mem_len else None
+        return SegmentState(pad=self.pad_front, mem_len=kept, reset_memory=reset_memory)
 
     def segment(self, tokens: Tensor, state: SegmentState, write: bool = True) -> tuple[Tensor, SegmentState]:
         """One segment. tokens (B, n) -> hidden states of the tokens (B, n, d), the state for the next one.
@@ -111,7 +121,7 @@ class RecurrentModel(nn.Module):
         returned state is of no use.
         """
         m, n = self.cfg.num_mem_tokens, tokens.shape[1]
-        write = write and self.writes
+        write = write and self.writes(state)
         read = self._read_memory(state, tokens.shape[0])
         h = self.backbone.embed_tokens(tokens)  # (B, n, d)
         if m:
@@ -120,17 +130,20 @@ class RecurrentModel(nn.Module):
         out, layer_inputs = self.backbone(h, state.cache, mask)  # (B, Q, d)
         return out[:, m : m + n], self._next_state(out[:, m + n :] if write else None, layer_inputs, state, n)
 
-    @property
-    def writes(self) -> bool:
-        """Whether segments carry a write block (RMT's recurrent memory)."""
-        return self.cfg.num_mem_tokens > 0 and self.cfg.recurrent_memory
+    def writes(self, state: SegmentState) -> bool:
+        """Whether segments carry a write block (RMT's recurrent memory, unless the control resets it)."""
+        return self.cfg.num_mem_tokens > 0 and self.cfg.recurrent_memory and not state.reset_memory
+
+    def kept_cache(self, state: SegmentState) -> int:
+        """The cache length per layer: the model's mem_len, or the evaluation's."""
+        return self.cfg.mem_len if state.mem_len is None else state.mem_len
 
     def _read_memory(self, state: SegmentState, bsz: int) -> Tensor | None:
         """(B, m, d): the carried memory, or the learned initial memory on the first segment (and always for
         memtr); None without memory tokens."""
         if not self.cfg.num_mem_tokens:
             return None
-        if state.memory is None or not self.cfg.recurrent_memory:
+        if state.memory is None or not self.cfg.recurrent_memory or state.reset_memory:
             return self.memory.expand(bsz, -1, -1)
         return state.memory
 
@@ -138,7 +151,7 @@ class RecurrentModel(nn.Module):
         """The segment's attention mask (Q, K) over [cache ; read ; tokens ; write]."""
         cfg = self.cfg
         cache_len = state.cache[0].shape[1] if state.cache else 0
-        window = cfg.mem_len if cfg.same_length else 0
+        window = self.kept_cache(state) if cfg.same_length else 0
         return attention_mask(
             n, cfg.num_mem_tokens, write, cache_len, cfg.read_mem_from_cache, window, device, state.cache_hidden,
             min(state.pad, n),
@@ -150,17 +163,15 @@ class RecurrentModel(nn.Module):
         """The final-layer write outputs become the next memory (Sec. 3); each layer's inputs over the segment
         extend its cache, cut to the last mem_len (Transformer-XL), detached. The segment's padding columns
         (after its m read rows) join the cache's hidden columns."""
-        new_cache, hidden, seg_pad = None, (), min(state.pad, n)
-        if self.cfg.mem_len:
+        new_cache, hidden, seg_pad, kept = None, (), min(state.pad, n), self.kept_cache(state)
+        if kept:
             old = state.cache or [x[:, :0] for x in layer_inputs]
             old_len, m = old[0].shape[1], self.cfg.num_mem_tokens
-            new_cache = [
-                torch.cat([c.to(x.dtype), x], 1)[:, -self.cfg.mem_len :].detach() for c, x in zip(old, layer_inputs)
-            ]
+            new_cache = [torch.cat([c.to(x.dtype), x], 1)[:, -kept:].detach() for c, x in zip(old, layer_inputs)]
             start = old_len + layer_inputs[0].shape[1] - new_cache[0].shape[1]  # columns cut from the front
             columns = (*state.cache_hidden, *(old_len + m + i for i in range(seg_pad)))
             hidden = tuple(i - start for i in columns if i >= start)
-        return SegmentState(written, new_cache, state.pad - seg_pad, hidden)
+        return dataclasses.replace(state, memory=written, cache=new_cache, pad=state.pad - seg_pad, cache_hidden=hidden)
 
     @torch.no_grad()
     def decode_segment(self, tokens: Tensor, state: SegmentState, answer: Tensor) -> tuple[Tensor, SegmentState]:
@@ -175,7 +186,8 @@ class RecurrentModel(nn.Module):
         """
         m, n = self.cfg.num_mem_tokens, tokens.shape[1]
         read = self._read_memory(state, tokens.shape[0])
-        mask = self._mask(n, self.writes, state, tokens.device)  # (Q, K) of the whole segment
+        writes = self.writes(state)
+        mask = self._mask(n, writes, state, tokens.device)  # (Q, K) of the whole segment
         c = mask.shape[1] - mask.shape[0]  # cache length
         steps = answer[:, :-1].any(0).nonzero().flatten().tolist()  # positions whose prediction is an input
         # blocks of token positions [lo, hi), each ending at such a position (its prediction fills the next
@@ -198,11 +210,11 @@ class RecurrentModel(nn.Module):
                 pred = self.head.logits(hidden[-1][:, -1]).argmax(-1)
                 tokens[:, t + 1] = torch.where(answer[:, t], pred, tokens[:, t + 1])
         written = None
-        if self.writes:
+        if writes:
             written, inputs = self.backbone(read.to(hidden[0].dtype), None, mask[m + n :], past)
             for blocks, x in zip(layer_inputs, inputs):
                 blocks.append(x)
-        cache_source = [torch.cat(blocks, 1) for blocks in layer_inputs] if self.cfg.mem_len else []
+        cache_source = [torch.cat(blocks, 1) for blocks in layer_inputs] if self.kept_cache(state) else []
         return torch.cat(hidden, 1), self._next_state(written, cache_source, state, n)
 
     def forward(

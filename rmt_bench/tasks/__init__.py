@@ -1,13 +1,40 @@
-"""Tasks: the paper's benchmarks as seeded data (algorithmic) or ordered streams (language modelling)."""
+"""Tasks: the paper's benchmarks as seeded data (algorithmic) or ordered streams (language modelling).
+
+Both kinds implement `Task`, all the training loop knows of a task: so the loop has no branch on the kind.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
 from rmt_bench.config import LMTaskConfig, TaskConfig
 from rmt_bench.tasks.algorithmic import AlgorithmicTask, Batch
 
-__all__ = ["AlgorithmicTask", "Batch", "build_task"]
+__all__ = ["AlgorithmicTask", "Batch", "Task", "build_task"]
+
+
+class Task(Protocol):
+    name: str
+    vocab_size: int
+    segments: int  # S: segments per training batch
+    segment_len: int  # n
+    pad_front: int  # leading padding tokens of every sequence, hidden from attention (retrieval in 3 / 4)
+    stream: bool  # whether a batch's final state goes on to the next batch (language modelling)
+
+    def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
+        """Endless training batches (B, S, n); from `start_step` on, the same as an uninterrupted run's."""
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
+        """One pass over `split` (valid or test)."""
+
+    def carried_in(self, step: int, batch_size: int, carried: tuple) -> tuple:
+        """The (state, BPTT history) training step `step` starts from, given the one the last step left."""
+
+    def evaluate(self, model, split: str, batch_size: int, autocast, reset_memory: bool = False) -> dict:
+        """The split's metrics (no gradients; the caller puts the model in eval mode)."""
 
 
 def build_task(cfg: TaskConfig | LMTaskConfig, device: torch.device | str = "cpu"):

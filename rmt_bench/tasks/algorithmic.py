@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from rmt_bench.config import TaskConfig
+from rmt_bench.models import RecurrentModel, generate_greedy
 from rmt_bench.tasks.quadratic import ALPHABET, STEP_CHARS, make_quadratic
 
 PAD, START = 0, 1
@@ -60,7 +61,8 @@ def make_sequences(cfg: TaskConfig, size: int, gen: torch.Generator) -> tuple[Te
 
 
 class AlgorithmicTask:
-    """Fixed train/valid/test splits on one device, served as segmented batches."""
+    """Fixed train/valid/test splits on one device, served as segmented batches (the task interface:
+    tasks/__init__.py)."""
 
     stream = False  # every batch starts fresh examples: no state carried between batches
 
@@ -103,3 +105,45 @@ class AlgorithmicTask:
             yield Batch(
                 data.inputs[i : i + batch_size], data.targets[i : i + batch_size], data.loss_mask[i : i + batch_size]
             )
+
+    def carried_in(self, step: int, batch_size: int, carried: tuple) -> tuple:
+        """The (state, BPTT history) a training batch starts from: fresh examples start fresh."""
+        return None, []
+
+    @torch.no_grad()
+    def evaluate(self, model: RecurrentModel, split: str, batch_size: int, autocast, reset_memory: bool = False):
+        """Loss and accuracy on the answer tokens: greedy across segments (`acc`, the paper's metric),
+        teacher-forced (`acc_tf`), and whole-answer exact match of the greedy output (`exact`); with a final
+        answer at the end of a longer one (quadratic: step 6) also its exact match (`final_exact`).
+        `reset_memory`: the memory-reset control (`RecurrentModel.initial_state`)."""
+        nll = correct = correct_tf = tokens = exact = final_exact = examples = 0.0
+        for batch in self.eval_batches(split, batch_size):
+            mask = batch.loss_mask
+            # segments before the first answer are the same teacher-forced and greedy, and never scored: run
+            # them once, for the state they hand on (models that carry nothing skip them)
+            answered = mask.flatten(2).any(2).any(0).nonzero()
+            first = int(answered[0]) if len(answered) else 0
+            state = model.initial_state(reset_memory=reset_memory)
+            with autocast():
+                if first and (model.cfg.carries_state or model.pad_front):  # its state, or its padding
+                    _, state = model(batch.inputs[:, :first], state)
+                rest, _ = model(batch.inputs[:, first:], state)
+                preds, _ = generate_greedy(model, batch.inputs[:, first:], mask[:, first:], state)
+                logits = model.head.logits(rest[mask[:, first:]]).float()
+            preds = torch.cat([batch.targets[:, :first], preds], 1)  # (B, S, n)
+            nll += torch.nn.functional.cross_entropy(logits, batch.targets[mask], reduction="sum").item()
+            correct_tf += (logits.argmax(-1) == batch.targets[mask]).sum().item()
+            hits = answer_hits(preds, batch.targets, mask, self.final_len)
+            correct, exact, final_exact = correct + hits[0], exact + hits[1], final_exact + hits[2]
+            tokens += mask.sum().item()
+            examples += mask.shape[0]
+        out = {"loss": nll / tokens, "acc": correct / tokens, "acc_tf": correct_tf / tokens, "exact": exact / examples}
+        return out | ({"final_exact": final_exact / examples} if self.final_len else {})
+
+
+def answer_hits(preds: Tensor, targets: Tensor, mask: Tensor, final_len: int | None) -> tuple[int, int, int]:
+    """Greedy predictions against the targets, (B, S, n) each -> (answer tokens right, whole answers right,
+    final answers right: the last `final_len` targets, 0 when the task has none)."""
+    hit = ((preds == targets) | ~mask).flatten(1)
+    final = hit[:, -final_len:].all(1).sum().item() if final_len else 0
+    return (hit & mask.flatten(1)).sum().item(), hit.all(1).sum().item(), final

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from rmt_bench.config import ConfigError, LMTaskConfig
+from rmt_bench.models import RecurrentModel
 from rmt_bench.net import reachable
 from rmt_bench.tasks.algorithmic import Batch
 
@@ -167,7 +169,8 @@ def load_corpus(cfg: LMTaskConfig) -> tuple[list[str], dict[str, np.ndarray]]:
 
 # ------------------------------------------------------------------ the task
 class LMTask:
-    """Ordered LM stream; `Batch` shapes (B, S, n): S consecutive segments of n tokens per column."""
+    """Ordered LM stream; `Batch` shapes (B, S, n): S consecutive segments of n tokens per column (the task
+    interface: tasks/__init__.py)."""
 
     stream = True
     pad_front = 0  # streams are never padded
@@ -222,6 +225,26 @@ class LMTask:
         n = segment_len or self.cfg.eval_segment_len or self.segment_len
         for i in range(0, cols.shape[1] - 1, n):
             yield self._batch(cols, i, 1, min(n, cols.shape[1] - 1 - i))
+
+    def carried_in(self, step: int, batch_size: int, carried: tuple) -> tuple:
+        """The (state, BPTT history) a training batch starts from: the previous batch's, reset at each epoch."""
+        return (None, []) if step % self.steps_per_epoch(batch_size) == 0 else carried
+
+    @torch.no_grad()
+    def evaluate(self, model: RecurrentModel, split: str, batch_size: int, autocast, reset_memory: bool = False):
+        """Loss over the whole split carrying memory/cache (a Transformer-XL cache of `task.eval_mem_len`), as
+        perplexity (`ppl`) or bits per character (`bpc`)."""
+        nll, tokens = 0.0, 0
+        state = model.initial_state(mem_len=self.cfg.eval_mem_len, reset_memory=reset_memory)
+        for batch in self.eval_batches(split, batch_size):
+            with autocast():
+                hidden, state = model(batch.inputs, state)
+                nll += model.head.nll(hidden.flatten(0, 2), batch.targets.flatten()).sum().item()
+            tokens += batch.targets.numel()
+        loss = nll / tokens
+        if self.cfg.level == "char":
+            return {"loss": loss, "bpc": loss / math.log(2)}
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
     @staticmethod
     def _batch(cols: torch.Tensor, i: int, segments: int, n: int) -> Batch:

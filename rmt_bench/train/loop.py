@@ -1,4 +1,5 @@
-"""fit / evaluate: setup, the training loop, evaluation; read top to bottom.
+"""fit / evaluate: the training loop as named steps (set up, training step, evaluate and checkpoint, stop
+conditions, final test) over the task interface (tasks/__init__.py); read top to bottom.
 
 The loop owns the device, autocast, the optimiser and schedule; the model knows none of it.
 """
@@ -11,16 +12,17 @@ import math
 import resource
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from rmt_bench.config import ConfigError, TrainerConfig
 from rmt_bench.errors import CheckpointError, RunStopped
 from rmt_bench.logging import RunLogger
-from rmt_bench.models import RecurrentModel, generate_greedy, train_segments
-from rmt_bench.tasks import AlgorithmicTask
+from rmt_bench.models import RecurrentModel, train_segments
+from rmt_bench.tasks import Task
 from rmt_bench.train.checkpoint import load_checkpoint, save_checkpoint, weights_finite
 from rmt_bench.train.precision import resolve as resolve_precision
 
@@ -98,7 +100,7 @@ def step_budget(seconds: float, seconds_per_step: float, seconds_per_eval: float
     return max(int(seconds / per_step), 1)
 
 
-def fix_budget(model, task, cfg: TrainerConfig, st: TrainState, seed: int, device, autocast) -> str | None:
+def fix_budget(model, task: Task, cfg: TrainerConfig, st: TrainState, seed: int, device, autocast) -> str | None:
     """Set `st.budget_steps` once; returns a line for the log when it came from `max_minutes`. Then the speed
     is measured on a copy of the model and optimiser (training steps, then one validation) with the RNG put
     back afterwards, so the run does not depend on the measurement, only on the budget it yields; the budget
@@ -118,8 +120,8 @@ def fix_budget(model, task, cfg: TrainerConfig, st: TrainState, seed: int, devic
         for i in range(CALIBRATION_WARMUP + CALIBRATION_STEPS):
             if i == CALIBRATION_WARMUP:
                 t0 = time.perf_counter()
+            carried = task.carried_in(i, cfg.batch_size, carried)  # as fit
             _, carried = train_step(probe, optimizer, next(batches), cfg, carried, autocast, task.stream)
-            carried = carried if task.stream else (None, [])  # as fit: fresh examples start fresh
             timed = i + 1 - CALIBRATION_WARMUP
             if timed >= 2 and time.perf_counter() - start > limit:
                 break
@@ -137,96 +139,14 @@ def fix_budget(model, task, cfg: TrainerConfig, st: TrainState, seed: int, devic
     )
 
 
-@torch.no_grad()
-def evaluate(model: RecurrentModel, task, split: str, batch_size: int, autocast) -> dict:
-    """Algorithmic tasks: loss and accuracy on the answer tokens, greedy across segments (`acc`, the paper's
-    metric), teacher-forced (`acc_tf`), and whole-answer exact match of the greedy output (`exact`); tasks with a
-    final answer at the end of a longer one (quadratic: step 6) also its exact match (`final_exact`).
-    Streams: loss over the whole split carrying memory/cache, as perplexity (`ppl`) or bits per char (`bpc`)."""
+def evaluate(model: RecurrentModel, task: Task, split: str, batch_size: int, autocast, **settings) -> dict:
+    """The task's metrics on `split` in eval mode (`Task.evaluate`; settings such as `reset_memory` pass on)."""
     was_training = model.training
     model.eval()
     try:
-        return (
-            evaluate_stream(model, task, split, batch_size, autocast)
-            if task.stream
-            else evaluate_answers(model, task, split, batch_size, autocast)
-        )
+        return task.evaluate(model, split, batch_size, autocast, **settings)
     finally:
         model.train(was_training)
-
-
-def evaluate_answers(model: RecurrentModel, task, split: str, batch_size: int, autocast) -> dict:
-    nll = correct = correct_tf = tokens = exact = final_exact = examples = 0.0
-    final_len = getattr(task, "final_len", None)
-    for batch in task.eval_batches(split, batch_size):
-        mask = batch.loss_mask
-        # segments before the first answer are the same teacher-forced and greedy, and never scored: run them
-        # once, for the state they hand on (models that carry nothing skip them)
-        answered = mask.flatten(2).any(2).any(0).nonzero()
-        first = int(answered[0]) if len(answered) else 0
-        with autocast():
-            needs_prefix = first and (model.cfg.carries_state or model.pad_front)  # its state, or its padding
-            _, state = model(batch.inputs[:, :first]) if needs_prefix else (None, None)
-            rest, _ = model(batch.inputs[:, first:], state)
-            preds, _ = generate_greedy(model, batch.inputs[:, first:], mask[:, first:], state)
-            logits = model.head.logits(rest[mask[:, first:]]).float()
-        preds = torch.cat([batch.targets[:, :first], preds], 1)  # (B, S, n)
-        nll += torch.nn.functional.cross_entropy(logits, batch.targets[mask], reduction="sum").item()
-        correct_tf += (logits.argmax(-1) == batch.targets[mask]).sum().item()
-        hits = answer_hits(preds, batch.targets, mask, final_len)
-        correct, exact, final_exact = correct + hits[0], exact + hits[1], final_exact + hits[2]
-        tokens += mask.sum().item()
-        examples += mask.shape[0]
-    out = {"loss": nll / tokens, "acc": correct / tokens, "acc_tf": correct_tf / tokens, "exact": exact / examples}
-    return out | ({"final_exact": final_exact / examples} if final_len else {})
-
-
-def answer_hits(preds: Tensor, targets: Tensor, mask: Tensor, final_len: int | None) -> tuple[int, int, int]:
-    """Greedy predictions against the targets, (B, S, n) each -> (answer tokens right, whole answers right,
-    final answers right: the last `final_len` targets, 0 when the task has none)."""
-    hit = ((preds == targets) | ~mask).flatten(1)
-    final = hit[:, -final_len:].all(1).sum().item() if final_len else 0
-    return (hit & mask.flatten(1)).sum().item(), hit.all(1).sum().item(), final
-
-
-@contextlib.contextmanager
-def memory_reset(model: RecurrentModel):
-    """The control for recurrent memory: every segment reads the learned initial memory, nothing is carried
-    from segment to segment (the write block, which the tokens never see, is left out). A model that stores
-    the answer in its memory falls back to chance under it."""
-    saved = model.cfg
-    model.cfg = copy.copy(saved)
-    model.cfg.recurrent_memory = False
-    try:
-        yield
-    finally:
-        model.cfg = saved
-
-
-@contextlib.contextmanager
-def eval_mem_len(model: RecurrentModel, mem_len: int | None):
-    """Transformer-XL evaluates with a longer cache than it trains with."""
-    saved = model.cfg.mem_len
-    if mem_len is not None and saved:
-        model.cfg.mem_len = mem_len
-    try:
-        yield
-    finally:
-        model.cfg.mem_len = saved
-
-
-def evaluate_stream(model: RecurrentModel, task, split: str, batch_size: int, autocast) -> dict:
-    nll, tokens, state = 0.0, 0, None
-    with eval_mem_len(model, task.cfg.eval_mem_len):
-        for batch in task.eval_batches(split, batch_size):
-            with autocast():
-                hidden, state = model(batch.inputs, state)
-                nll += model.head.nll(hidden.flatten(0, 2), batch.targets.flatten()).sum().item()
-            tokens += batch.targets.numel()
-    loss = nll / tokens
-    if task.cfg.level == "char":
-        return {"loss": loss, "bpc": loss / math.log(2)}
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
 
 def score(metrics: dict) -> float:
@@ -278,26 +198,45 @@ def stop_signals():
             signal.signal(sig, old)
 
 
-def fit(
-    model: RecurrentModel,
-    task: AlgorithmicTask,
-    cfg: TrainerConfig,
-    logger: RunLogger,
-    seed: int,
-    device: torch.device,
-    checkpoint_path=None,
-    resume: bool = False,
-    run_config: dict | None = None,
-) -> dict:
-    """Train for a fixed step budget, validating every `eval_every` steps; test the best-validation weights
-    (and, with `cfg.memory_reset_control`, test them again with the memory reset at every segment).
-    `run_config` (the resolved config) goes into every checkpoint; a resume with other trajectory keys is refused."""
-    # --- setup
+@dataclass
+class Run:
+    """What the steps of `fit` share: the model and its optimiser, the task, the train state, and the state
+    carried into the next batch (streams)."""
+
+    model: RecurrentModel
+    task: Task
+    cfg: TrainerConfig
+    logger: RunLogger
+    optimizer: torch.optim.Optimizer
+    st: TrainState
+    best_weights: dict
+    autocast: Callable
+    batches: Iterator
+    checkpoint_path: Path | None
+    run_config: dict | None
+    carried: tuple = (None, [])  # (state, BPTT history) the last step left
+    started: float = 0.0  # perf_counter at step 0 of the (possibly resumed) run
+    window_start: float = 0.0
+    saved_step: int | None = None  # the step of the last checkpoint this run wrote
+    bf16: bool = False
+
+    @property
+    def budget(self) -> int:
+        return self.st.budget_steps
+
+    def checkpoint(self) -> None:
+        if self.checkpoint_path is not None:
+            st = self.st
+            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, st, self.best_weights, self.carried,
+                            self.run_config)  # fmt: skip
+            self.saved_step = st.step
+
+
+def set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_config) -> Run:
+    """The optimiser, the resumed state if any, the precision, and the step budget (fixed once)."""
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
-    st, best_weights = TrainState(), copy.deepcopy(model.state_dict())
-    # streams (LM) carry memory/cache and the BPTT history from batch to batch, reset at each epoch
-    carried = (None, [])
+    st, best_weights, carried = TrainState(), copy.deepcopy(model.state_dict()), (None, [])
     if resume:
         if checkpoint_path is None or not checkpoint_path.exists():
             raise ConfigError("resume", f"no checkpoint at {checkpoint_path}; pass hydra.run.dir=<the run to resume>")
@@ -308,7 +247,6 @@ def fit(
     if cfg.precision == "auto":
         logger.info(why)
     autocast = autocast_factory(device, bf16)
-    t_start = time.perf_counter() - st.train_seconds
     horizon = st.budget_steps
     if how := fix_budget(model, task, cfg, st, seed, device, autocast):
         logger.info(how)
@@ -318,101 +256,134 @@ def fit(
             f"the steps after {st.step} differ from an uninterrupted {horizon}-step run"
         )
     logger.update_config({"trainer": {"max_steps": st.budget_steps}})
-    budget = st.budget_steps
+    logger.start_progress(st.budget_steps, initial=st.step)
     batches = task.train_batches(cfg.batch_size, seed, start_step=st.step)
-    per_epoch = task.steps_per_epoch(cfg.batch_size) if task.stream else 1
-    logger.start_progress(budget, initial=st.step)
-    window_start = time.perf_counter()
-    stop_reason = "max_minutes" if st.budget_minutes is not None and budget < cfg.max_steps else "max_steps"
+    now = time.perf_counter()
+    return Run(model, task, cfg, logger, optimizer, st, best_weights, autocast, batches, checkpoint_path, run_config,
+               carried, started=now - st.train_seconds, window_start=now, bf16=bf16)  # fmt: skip
 
-    saved = []  # the step of the last checkpoint written by this run
 
-    def checkpoint() -> None:
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, model, optimizer, st, best_weights, carried, run_config)
-            saved[:] = [st.step]
+def training_step(run: Run) -> str | None:
+    """One optimiser step on the next batch, and the training log line when one is due. -> "non_finite_loss" if
+    the loss is not finite (nothing of the step is logged or saved), else None."""
+    st, cfg, step_start = run.st, run.cfg, time.perf_counter()
+    batch = next(run.batches)
+    for group in run.optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_factor(cfg, st.step, run.budget) * st.plateau_scale
+    run.carried = run.task.carried_in(st.step, cfg.batch_size, run.carried)
+    loss, run.carried = train_step(run.model, run.optimizer, batch, cfg, run.carried, run.autocast, run.task.stream)
+    if not math.isfinite(loss):
+        return "non_finite_loss"
+    st.step_seconds += time.perf_counter() - step_start
+    st.step += 1
+    st.window_loss, st.window_steps = st.window_loss + loss, st.window_steps + 1
+    st.window_tokens += batch.inputs.numel()
+    st.tokens += batch.inputs.numel()
+    run.logger.advance(loss)
+    if st.step % cfg.log_every == 0 or st.step == run.budget:
+        elapsed = time.perf_counter() - run.window_start
+        run.logger.log({"train/loss": st.window_loss / st.window_steps, "train/lr": run.optimizer.param_groups[0]["lr"],
+                        "train/tokens_per_s": st.window_tokens / elapsed}, st.step)  # fmt: skip
+        st.window_loss, st.window_steps, st.window_tokens = 0.0, 0, 0
+        run.window_start = time.perf_counter()
+    return None
 
-    # --- train
-    with stop_signals() as signals:
-        while st.step < budget:
-            step_start = time.perf_counter()
-            batch = next(batches)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(cfg, st.step, budget) * st.plateau_scale
-            if st.step % per_epoch == 0:
-                carried = (None, [])
-            loss, carried = train_step(model, optimizer, batch, cfg, carried, autocast, task.stream)
-            if not math.isfinite(loss):
-                stop_reason = "non_finite_loss"  # nothing of this step is logged or saved
-                break
-            st.step_seconds += time.perf_counter() - step_start
-            st.step += 1
-            st.window_loss += loss
-            st.window_steps += 1
-            st.window_tokens += batch.inputs.numel()
-            st.tokens += batch.inputs.numel()
-            logger.advance(loss)
 
-            if st.step % cfg.log_every == 0 or st.step == budget:
-                elapsed = time.perf_counter() - window_start
-                lr = optimizer.param_groups[0]["lr"]
-                logger.log({"train/loss": st.window_loss / st.window_steps, "train/lr": lr,
-                            "train/tokens_per_s": st.window_tokens / elapsed}, st.step)  # fmt: skip
-                st.window_loss, st.window_steps, st.window_tokens = 0.0, 0, 0
-                window_start = time.perf_counter()
+def evaluate_and_checkpoint(run: Run) -> str | None:
+    """Every `eval_every` steps and at the last: validate, keep the best weights, step the plateau schedule,
+    log, checkpoint. -> "non_finite_loss" (weights went non-finite: nothing saved), "early_stop_acc", or None."""
+    st, cfg = run.st, run.cfg
+    if st.step % cfg.eval_every and st.step != run.budget:
+        return None
+    if not weights_finite(run.model):
+        st.step -= 1  # the step that made the weights non-finite
+        return "non_finite_loss"
+    val = evaluate(run.model, run.task, "valid", cfg.eval_batch_size, run.autocast)
+    if score(val) > st.best_score:
+        st.best_score, st.best_step, st.best_val = score(val), st.step, val
+        run.best_weights = copy.deepcopy(run.model.state_dict())
+    if cfg.schedule == "plateau":
+        plateau_step(st, cfg, val["loss"])
+    st.train_seconds = time.perf_counter() - run.started
+    run.logger.log({f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60}, st.step)
+    run.checkpoint()
+    if cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc:
+        return "early_stop_acc"
+    return None
 
-            if st.step % cfg.eval_every == 0 or st.step == budget:
-                if not weights_finite(model):
-                    st.step -= 1  # the step that made the weights non-finite
-                    stop_reason = "non_finite_loss"
-                    break
-                val = evaluate(model, task, "valid", cfg.eval_batch_size, autocast)
-                if score(val) > st.best_score:
-                    st.best_score, st.best_step, st.best_val = score(val), st.step, val
-                    best_weights = copy.deepcopy(model.state_dict())
-                if cfg.schedule == "plateau":
-                    plateau_step(st, cfg, val["loss"])
-                st.train_seconds = time.perf_counter() - t_start
-                logger.log({f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60}, st.step)
-                checkpoint()
-                if cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc:
-                    stop_reason = "early_stop_acc"
-                    break
-            if signals:  # SIGINT / SIGTERM: keep the step just made, then stop
-                st.train_seconds = time.perf_counter() - t_start
-                name = signal.Signals(signals[0]).name
-                try:
-                    checkpoint()
-                    kept = f"checkpoint saved at step {st.step}; resume=true continues it"
-                except CheckpointError as exc:
-                    kept = str(exc)
-                logger.close_progress()
-                raise RunStopped(f"stopped: {name} at step {st.step}: {kept}", 128 + signals[0])
-    logger.close_progress()
-    train_seconds = time.perf_counter() - t_start
-    if stop_reason == "non_finite_loss":
-        kept = f"checkpoint.pt keeps step {saved[0]}" if saved else "no checkpoint was written"
-        lr = optimizer.param_groups[0]["lr"]
+
+def stop_condition(run: Run, signals: list[int]) -> str | None:
+    """The budget is spent, or a signal came (SIGINT / SIGTERM: the step just made is kept)."""
+    if signals:
+        return "signal"
+    if run.st.step >= run.budget:
+        return "max_minutes" if run.st.budget_minutes is not None and run.budget < run.cfg.max_steps else "max_steps"
+    return None
+
+
+def stop_early(run: Run, reason: str, signals: list[int]) -> None:
+    """A signal or a non-finite loss ends the run here: one line, the exit status, what was kept."""
+    st = run.st
+    if reason == "signal":
+        st.train_seconds = time.perf_counter() - run.started
+        try:
+            run.checkpoint()
+            kept = f"checkpoint saved at step {st.step}; resume=true continues it"
+        except CheckpointError as exc:
+            kept = str(exc)
+        raise RunStopped(f"stopped: {signal.Signals(signals[0]).name} at step {st.step}: {kept}", 128 + signals[0])
+    if reason == "non_finite_loss":
+        kept = (
+            f"checkpoint.pt keeps step {run.saved_step}" if run.saved_step is not None else "no checkpoint was written"
+        )
+        lr = run.optimizer.param_groups[0]["lr"]
         raise RunStopped(
             f"error: trainer: non-finite loss or weights at step {st.step + 1} (lr {lr:.3g}): the run stopped; "
             f"{kept}; summary.json: stop_reason=non_finite_loss",
             1,
-            {"stop_reason": stop_reason, "steps": st.step, "best_step": st.best_step, "budget_steps": budget},
+            {"stop_reason": reason, "steps": st.step, "best_step": st.best_step, "budget_steps": run.budget},
         )
 
-    # --- test with the best validation weights
-    model.load_state_dict(best_weights)
+
+def final_test(run: Run, stop_reason: str, device: torch.device) -> dict:
+    """Test the best-validation weights (and, with `memory_reset_control`, again with the memory reset at every
+    segment); -> the run's summary."""
+    model, st, cfg = run.model, run.st, run.cfg
+    train_seconds = time.perf_counter() - run.started
+    model.load_state_dict(run.best_weights)
     test_start = time.perf_counter()
-    metrics = {f"test/{k}": v for k, v in evaluate(model, task, "test", cfg.eval_batch_size, autocast).items()}
-    if cfg.memory_reset_control and model.cfg.num_mem_tokens and model.cfg.recurrent_memory:
-        with memory_reset(model):
-            reset = evaluate(model, task, "test", cfg.eval_batch_size, autocast)
+    metrics = {f"test/{k}": v for k, v in evaluate(model, run.task, "test", cfg.eval_batch_size, run.autocast).items()}
+    if cfg.memory_reset_control and model.writes(model.initial_state()):
+        reset = evaluate(model, run.task, "test", cfg.eval_batch_size, run.autocast, reset_memory=True)
         metrics |= {f"test_memory_reset/{k}": v for k, v in reset.items()}
-    logger.log(metrics, st.step)
+    run.logger.log(metrics, st.step)
     return metrics | {f"val/best_{k}": v for k, v in st.best_val.items()} | {
-        "best_step": st.best_step, "steps": st.step, "stop_reason": stop_reason, "budget_steps": budget,
+        "best_step": st.best_step, "steps": st.step, "stop_reason": stop_reason, "budget_steps": run.budget,
         "seconds_per_step_measured": st.seconds_per_step, "train_minutes": train_seconds / 60,
         "test_minutes": (time.perf_counter() - test_start) / 60,
         "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9), "peak_memory_mb": peak_memory_mb(device),
-        "params": sum(p.numel() for p in model.parameters()), "precision": "bf16" if bf16 else "fp32",
+        "params": sum(p.numel() for p in model.parameters()), "precision": "bf16" if run.bf16 else "fp32",
     }  # fmt: skip
+
+
+def fit(
+    model: RecurrentModel,
+    task: Task,
+    cfg: TrainerConfig,
+    logger: RunLogger,
+    seed: int,
+    device: torch.device,
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+    run_config: dict | None = None,
+) -> dict:
+    """Train for a fixed step budget, validating every `eval_every` steps; test the best-validation weights.
+    `run_config` (the resolved config) goes into every checkpoint; a resume with other trajectory keys is refused."""
+    run = set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_config)
+    with stop_signals() as signals:
+        reason = stop_condition(run, signals)  # a resumed run may have nothing left to do
+        while reason is None:
+            reason = training_step(run) or evaluate_and_checkpoint(run) or stop_condition(run, signals)
+        logger.close_progress()
+        stop_early(run, reason, signals)
+    return final_test(run, reason, device)
