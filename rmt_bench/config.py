@@ -12,6 +12,16 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
+# The one mapping from a model name to its switches, MEM standing for the memory size (`mem=`): configs/model/
+# says the same for the command line (a test pins them together); tests and scripts build models from it.
+MEM = "mem"
+MODEL_SWITCHES = {
+    "vanilla": {},
+    "memtr": {"num_mem_tokens": MEM, "recurrent_memory": False},
+    "xl": {"mem_len": MEM},
+    "rmt": {"num_mem_tokens": MEM},
+    "rmt_xl": {"num_mem_tokens": MEM, "mem_len": MEM},
+}
 ARCHS = ("paper", "trainable")  # backbone styles: configs/arch/*.yaml set pre_lnorm and init_std
 ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval", "quadratic")
 LM_TASKS = ("wikitext103", "enwik8")
@@ -48,6 +58,12 @@ def _at_least(key: str, value: float, low: float) -> None:
 def _in_range(key: str, value: float, low: float, high: float) -> None:
     if value is None or not low <= value <= high:
         raise ConfigError(key, f"must be in [{low}, {high}], got {value}")
+
+
+def model_switches(name: str, mem: int) -> dict:
+    """`ModelConfig` keys that make model `name` with memory size `mem` (memory tokens and / or cache length)."""
+    _choice("model.name", name, MODEL_NAMES)
+    return {"name": name} | {key: mem if value == MEM else value for key, value in MODEL_SWITCHES[name].items()}
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rmt_bench.config import ModelConfig, TaskConfig
+from rmt_bench.config import ModelConfig, TaskConfig, model_switches
 from rmt_bench.models import SegmentState, build_model, train_segments
 from rmt_bench.tasks import build_task
 from rmt_bench.train.loop import autocast_factory
@@ -38,14 +38,7 @@ SIZES = {"reverse": dict(n_layer=4, d_model=128, n_head=4, d_head=64, d_inner=25
 
 
 def model_config(name: str, mem: int, **sizes) -> ModelConfig:
-    kw = dict(name=name, **sizes)
-    if name in ("rmt", "memtr", "rmt_xl"):
-        kw["num_mem_tokens"] = mem
-    if name in ("xl", "rmt_xl"):
-        kw["mem_len"] = mem
-    if name == "memtr":
-        kw["recurrent_memory"] = False
-    return ModelConfig(**kw)
+    return ModelConfig(**sizes, **model_switches(name, mem))
 
 
 def bench_train(args) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmt_bench.config import ModelConfig, TaskConfig
+from rmt_bench.config import ModelConfig, TaskConfig, model_switches
 
 ROOT = Path(__file__).resolve().parent.parent
 # a tiny, fast job: every CLI test adds these unless it means to test something else
@@ -31,14 +31,10 @@ TINY = [
 
 
 def tiny_model(name: str = "rmt", **kw) -> ModelConfig:
-    defaults = dict(name=name, n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, dropout=0.0)
-    if name in ("rmt", "memtr", "rmt_xl"):
-        defaults["num_mem_tokens"] = 3
-    if name in ("xl", "rmt_xl"):
-        defaults["mem_len"] = 4
-    if name == "memtr":
-        defaults["recurrent_memory"] = False
-    return ModelConfig(**(defaults | kw))
+    """A 2-layer model of d_model 32: 3 memory tokens, a cache of 4 (rmt_xl: both)."""
+    sizes = dict(n_layer=2, d_model=32, n_head=2, d_head=16, d_inner=64, dropout=0.0)
+    switches = model_switches(name, 3) | ({"mem_len": 4} if name in ("xl", "rmt_xl") else {})
+    return ModelConfig(**(sizes | switches | kw))
 
 
 def tiny_task(name: str = "reverse", **kw) -> TaskConfig:
