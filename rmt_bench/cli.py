@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -153,6 +154,17 @@ def summary_line(s: dict) -> str:
 
 
 FAILED_JOBS: list[str] = []  # multirun jobs that failed at run time, reported when the sweep ends
+# where jobs in other processes (hydra/launcher=parallel: joblib workers) record their failures for `main`
+FAILED_JOBS_ENV = "RMT_BENCH_FAILED_JOBS"
+
+
+def _record_failure(line: str) -> None:
+    shared = os.environ.get(FAILED_JOBS_ENV)
+    if shared:
+        with open(shared, "a") as f:
+            f.write(line + "\n")
+    else:
+        FAILED_JOBS.append(line)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -180,7 +192,7 @@ def hydra_main(dcfg: DictConfig) -> float:
         # a sweep goes on: the job is reported (and listed again at the end), the next one runs
         what = str(exc) if known else f"{type(exc).__name__}: {exc}"
         line = f"job {hc.job.num} ({swept_dirname(hc.overrides.task)}) failed: {what}"
-        FAILED_JOBS.append(line)
+        _record_failure(line)
         print(f"error: {line}", file=sys.stderr, flush=True)
         with open(Path(hc.sweep.dir) / "failed_jobs.txt", "a") as f:
             f.write(line + "\n")
@@ -336,7 +348,14 @@ def main() -> None:
             pass  # the checks are a courtesy; Hydra validates everything again
         if "-m" in args or "--multirun" in args:
             validate_sweep(args)
-    hydra_main()
+    fd, shared = tempfile.mkstemp(prefix="rmt-bench-failed-", suffix=".txt")
+    os.close(fd)
+    os.environ[FAILED_JOBS_ENV] = shared  # launcher workers inherit it (SLURM jobs on other nodes do not)
+    try:
+        hydra_main()
+    finally:
+        FAILED_JOBS.extend(Path(shared).read_text().splitlines())
+        os.unlink(shared)
     exit_if_failed("job(s) of the sweep", FAILED_JOBS)
 
 
