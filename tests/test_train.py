@@ -164,14 +164,14 @@ def test_max_minutes_fixes_a_budget_and_the_run_equals_one_with_that_many_steps(
     of `trainer.max_steps=<budget> trainer.max_minutes=null`, the cosine horizon included; the budget is in
     the summary, config.json and the checkpoint."""
     base = [*TINY, "model.dropout=0.1", "trainer.schedule=cosine", "trainer.log_every=1", "trainer.eval_every=5"]
-    timed = run(to_run_config(compose_cfg([*base, "trainer.max_minutes=0.05", "trainer.max_steps=100000"])),
+    timed = run(to_run_config(compose_cfg([*base, "trainer.max_minutes=0.1", "trainer.max_steps=100000"])),
                 tmp_path / "timed")  # fmt: skip
     budget = timed["budget_steps"]
     assert timed["steps"] == budget and 1 < budget < 100000 and timed["stop_reason"] == "max_minutes"
     assert timed["seconds_per_step_measured"] > 0
     assert json.loads((tmp_path / "timed" / "config.json").read_text())["trainer"]["max_steps"] == budget
     saved = torch.load(tmp_path / "timed" / "checkpoint.pt", weights_only=False)["train_state"]
-    assert saved["budget_steps"] == budget and saved["budget_minutes"] == 0.05
+    assert saved["budget_steps"] == budget and saved["budget_minutes"] == 0.1
     fixed = run(to_run_config(compose_cfg([*base, f"trainer.max_steps={budget}", "trainer.max_minutes=null"])),
                 tmp_path / "fixed")  # fmt: skip
 
