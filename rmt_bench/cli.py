@@ -7,7 +7,9 @@ in one line `error: <key>: <what is allowed>` and exit status 2 (a traceback wit
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import asdict
@@ -68,8 +70,14 @@ OmegaConf.register_new_resolver("swept_dirname", swept_dirname, replace=True)
 OmegaConf.register_new_resolver("sweep_direction", lambda task: SWEEP_DIRECTION[task], replace=True)
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 for a plain process): only rank 0 prints errors and summaries."""
+    return int(os.environ.get("RANK", 0))
+
+
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    if _rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -98,35 +106,51 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, choices: dict | Non
     Hydra config-group choices) go into config.json and W&B beside the resolved config."""
     import torch
 
-    from rmt_bench.logging import RunLogger
+    from rmt_bench.logging import NullLogger, RunLogger
     from rmt_bench.models import build_model
     from rmt_bench.tasks import build_task
+    from rmt_bench.train import distributed
     from rmt_bench.train.loop import fit, resolve_device
 
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    dist, device = distributed.start(device)  # torchrun: this process's rank (else one process)
+    if cfg.trainer.batch_size % dist.world:
+        raise ConfigError(
+            "trainer.batch_size",
+            f"{cfg.trainer.batch_size} does not split over the {dist.world} processes of torchrun; "
+            f"use a multiple of {dist.world} (every process takes batch_size / {dist.world} rows of each batch)",
+        )
+    run_dir = Path(dist.broadcast(str(run_dir)))  # rank 0's: the one checkpoint every rank resumes from
     torch.manual_seed(cfg.seed)
     task = build_task(cfg.task, device)
-    model = build_model(cfg.model, task.vocab_size, task.pad_front)
-    logger = RunLogger(cfg.logger, run_dir, asdict(cfg) | ({"choices": choices} if choices else {}), resume)
+    model = build_model(cfg.model, task.vocab_size, task.pad_front)  # the same initial weights on every rank
+    if dist.rank:
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # each rank its own dropout stream
+    config = asdict(cfg) | ({"choices": choices} if choices else {})
+    logger = RunLogger(cfg.logger, run_dir, config, resume) if dist.main else NullLogger()
     exit_code = 1
     identity = {
         "task": cfg.task.name, "model": cfg.model.name, "arch": cfg.model.arch, "scale": cfg.scale,
         "config_hash": config_hash(cfg), "mem": cfg.mem, "segments": cfg.task.segments, "seed": cfg.seed,
     }  # fmt: skip
     try:
-        summary = identity | fit(
-            model, task, cfg.trainer, logger, cfg.seed, device, run_dir / CHECKPOINT_FILE, resume, asdict(cfg)
+        summary = fit(
+            model, task, cfg.trainer, logger, cfg.seed, device, run_dir / CHECKPOINT_FILE, resume, asdict(cfg), dist
         )
+        summary = identity | summary if dist.main else {}
         logger.summary(summary)
         exit_code = 0
     except RunStopped as exc:
         if exc.summary is not None:  # a diverged run still says what happened, for the suite and the report
-            logger.summary(identity | exc.summary)
+            logger.summary(identity | exc.summary | {"world_size": dist.world})
+        if not dist.main:
+            raise SystemExit(exc.exit_code) from None  # rank 0 says it
         raise
     finally:
         logger.finish(exit_code)
+        distributed.stop()
     return summary
 
 
@@ -196,6 +220,8 @@ def hydra_main(dcfg: DictConfig) -> float:
         print(f"error: {line}", file=sys.stderr, flush=True)
         with open(Path(hc.sweep.dir) / "failed_jobs.txt", "a") as f:
             f.write(line + "\n")
+        return float("nan")
+    if not summary:  # a torchrun process other than rank 0: rank 0 reports
         return float("nan")
     print(summary_line(summary), flush=True)
     # what a sweeper (hydra/sweeper=tune) optimises: the best validation value, never a test number
@@ -335,9 +361,28 @@ def check_environment(args: list[str]) -> None:
 HYDRA_FLAGS = ("-h", "--help", "--hydra-help", "--info", "-i", "-sc", "--shell-completion")
 
 
+def torchrun_arguments(args: list[str]) -> list[str]:
+    """Under torchrun (WORLD_SIZE > 1) the processes run one training: no sweep; ranks other than 0 get a
+    scratch Hydra directory (rank 0's run directory is the run's, and theirs is broadcast from it)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return args
+    if "-m" in args or "--multirun" in args:
+        _fail(
+            "-m: under torchrun the processes train one run; sweep outside it (e.g. one torchrun per job, or "
+            "hydra/launcher=slurm)"
+        )
+    if _rank() == 0:
+        return args
+    scratch = tempfile.mkdtemp(prefix=f"rmt-bench-rank{_rank()}-")
+    atexit.register(shutil.rmtree, scratch, True)
+    kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return [*kept, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
 def main() -> None:
     """Console script `rmt-bench`."""
-    args = sys.argv[1:]
+    args = torchrun_arguments(sys.argv[1:])
+    sys.argv[1:] = args
     check_environment(args)
     if not any(a in HYDRA_FLAGS or a.startswith(("--shell-completion=", "--info=")) for a in args):
         try:

@@ -214,3 +214,10 @@ class RunLogger:
                 self.wandb.finish(exit_code=exit_code)
             except Exception as exc:
                 self._wandb_failed("finish", exc)
+
+
+class NullLogger:
+    """The logger of a rank other than 0 in multi-process training: rank 0 alone logs and writes files."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

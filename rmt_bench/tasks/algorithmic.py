@@ -34,6 +34,10 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device))
 
+    def rows(self, lo: int, hi: int) -> Batch:
+        """Rows lo..hi-1: examples, or columns of a stream (one rank's shard of a global batch)."""
+        return Batch(self.inputs[lo:hi], self.targets[lo:hi], self.loss_mask[lo:hi])
+
 
 def make_sequences(cfg: TaskConfig, size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """-> full sequences (N, seq_len + 1) and the answer mask over the shifted targets (N, seq_len)."""

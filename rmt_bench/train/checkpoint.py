@@ -70,9 +70,11 @@ def save_checkpoint(
     best_weights: dict | None = None,
     carried: tuple = (None, []),
     run_config: dict | None = None,
+    other_ranks: list[dict] | None = None,
 ) -> None:
     """Writes the checkpoint atomically; refuses (CheckpointError) weights that are not finite, so the last good
-    checkpoint is never replaced by a diverged one."""
+    checkpoint is never replaced by a diverged one. `other_ranks`: in multi-process training, ranks 1.. as
+    `rank_payload` gives them (their random streams and carried stream state; rank 0's are the usual fields)."""
     if not weights_finite(model):
         raise CheckpointError(f"{path}: not overwritten, the model's weights are not finite (the run diverged)")
     path = Path(path)
@@ -88,6 +90,8 @@ def save_checkpoint(
         "carried": carried_to_payload(carried),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "world_size": 1 + len(other_ranks or []),
+        "other_ranks": other_ranks or [],
     }
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -138,12 +142,27 @@ def config_changes(saved: dict | None, current: dict) -> list[str]:
     ]
 
 
+def rank_payload(carried: tuple) -> dict:
+    """What a checkpoint keeps of one process in multi-process training: its random stream and carried state."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None  # this process's GPU
+    return {"rng": torch.get_rng_state(), "cuda_rng": cuda, "carried": carried_to_payload(carried)}
+
+
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state, run_config: dict | None = None
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state,
+    run_config: dict | None = None,
+    rank: int = 0,
+    world: int = 1,
 ):
     """Restore model, optimiser and RNG in place; returns the saved train state (same type as `state`), the
-    best-validation weights and the carried stream state. A checkpoint trained with another model, task, seed or
-    trajectory-changing trainer key is refused with one line naming the keys (ConfigError `resume`)."""
+    best-validation weights, the carried stream state and a warning line (or None). A checkpoint trained with
+    another model, task, seed or trajectory-changing trainer key is refused with one line naming the keys
+    (ConfigError `resume`). Rank `rank` of `world` processes takes its own random stream and carried state; with
+    another number of processes than the checkpoint's, the weights, optimiser, schedule and data order continue,
+    the per-process random streams and carried stream state start afresh, and the warning says so."""
     payload = read_checkpoint(path)
     changed = config_changes(payload.get("config"), run_config or {})
     if changed and run_config is not None:
@@ -157,9 +176,25 @@ def load_checkpoint(
         optimizer.load_state_dict(payload["optimizer"])
     except Exception as exc:
         raise CheckpointError(f"{path} does not fit this model ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
-    torch.set_rng_state(payload["rng"])
-    if payload.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["cuda_rng"])
     device = next(model.parameters()).device
-    carried = carried_from_payload(payload.get("carried"), device)
-    return type(state)(**payload["train_state"]), payload.get("best_model") or model.state_dict(), carried
+    saved_world, warning = payload.get("world_size", 1), None
+    if saved_world != world:
+        warning = (
+            f"warning: resume: {path} was written by {saved_world} process(es), this run has {world}: the weights, "
+            "optimiser, schedule and data order continue; each process's random stream (dropout) and carried "
+            "memory / cache start afresh, so the run is not bit for bit an uninterrupted one"
+        )
+        carried = (None, [])
+    elif rank == 0:
+        torch.set_rng_state(payload["rng"])
+        if payload.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        carried = carried_from_payload(payload.get("carried"), device)
+    else:
+        own = payload["other_ranks"][rank - 1]
+        torch.set_rng_state(own["rng"])
+        if own.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(own["cuda_rng"])
+        carried = carried_from_payload(own["carried"], device)
+    best = payload.get("best_model") or model.state_dict()
+    return type(state)(**payload["train_state"]), best, carried, warning

@@ -23,7 +23,8 @@ from rmt_bench.errors import CheckpointError, RunStopped
 from rmt_bench.logging import RunLogger
 from rmt_bench.models import RecurrentModel, train_segments
 from rmt_bench.tasks import Task
-from rmt_bench.train.checkpoint import load_checkpoint, save_checkpoint, weights_finite
+from rmt_bench.train.checkpoint import load_checkpoint, rank_payload, save_checkpoint, weights_finite
+from rmt_bench.train.distributed import SOLO, Dist
 from rmt_bench.train.precision import resolve as resolve_precision
 
 
@@ -100,11 +101,14 @@ def step_budget(seconds: float, seconds_per_step: float, seconds_per_eval: float
     return max(int(seconds / per_step), 1)
 
 
-def fix_budget(model, task: Task, cfg: TrainerConfig, st: TrainState, seed: int, device, autocast) -> str | None:
+def fix_budget(
+    model, task: Task, cfg: TrainerConfig, st: TrainState, seed: int, device, autocast, dist: Dist = SOLO
+) -> str | None:
     """Set `st.budget_steps` once; returns a line for the log when it came from `max_minutes`. Then the speed
     is measured on a copy of the model and optimiser (training steps, then one validation) with the RNG put
     back afterwards, so the run does not depend on the measurement, only on the budget it yields; the budget
-    is checkpointed and a resumed run keeps it."""
+    is checkpointed and a resumed run keeps it. With several processes all take the training steps (their
+    gradients reduced, as in training), rank 0 alone validates and its budget holds for all."""
     if cfg.max_minutes is None:
         st.budget_steps, st.budget_minutes = cfg.max_steps, None
         return None
@@ -121,17 +125,22 @@ def fix_budget(model, task: Task, cfg: TrainerConfig, st: TrainState, seed: int,
             if i == CALIBRATION_WARMUP:
                 t0 = time.perf_counter()
             carried = task.carried_in(i, cfg.batch_size, carried)  # as fit
-            _, carried = train_step(probe, optimizer, next(batches), cfg, carried, autocast, task.stream)
+            batch = dist.shard(next(batches))
+            _, carried = train_step(probe, optimizer, batch, cfg, carried, autocast, task.stream, dist)
             timed = i + 1 - CALIBRATION_WARMUP
-            if timed >= 2 and time.perf_counter() - start > limit:
+            if dist.broadcast(timed >= 2 and time.perf_counter() - start > limit):
                 break
         st.seconds_per_step = (time.perf_counter() - t0) / timed
         t0 = time.perf_counter()
-        evaluate(probe, task, "valid", cfg.eval_batch_size, autocast)
+        if dist.main:
+            evaluate(probe, task, "valid", cfg.eval_batch_size, autocast)
         st.seconds_per_eval = time.perf_counter() - t0
     left = cfg.max_minutes * 60 - st.train_seconds - (time.perf_counter() - start)
     fits = step_budget(left, st.seconds_per_step, st.seconds_per_eval, cfg.eval_every)
     st.budget_steps, st.budget_minutes = min(st.step + fits, cfg.max_steps), cfg.max_minutes
+    st.budget_steps, st.seconds_per_step, st.seconds_per_eval = dist.broadcast(
+        (st.budget_steps, st.seconds_per_step, st.seconds_per_eval)
+    )
     return (
         f"step budget: {st.budget_steps} steps fit trainer.max_minutes={cfg.max_minutes:g} "
         f"({st.seconds_per_step:.3f} s/step, {st.seconds_per_eval:.1f} s per validation); the run is now fixed "
@@ -166,22 +175,32 @@ def plateau_step(st: TrainState, cfg: TrainerConfig, val_loss: float) -> None:
 
 
 def train_step(
-    model: RecurrentModel, optimizer, batch, cfg: TrainerConfig, carried: tuple, autocast, carried_state: bool = True
+    model: RecurrentModel,
+    optimizer,
+    batch,
+    cfg: TrainerConfig,
+    carried: tuple,
+    autocast,
+    carried_state: bool = True,
+    dist: Dist = SOLO,
 ):
     """One optimiser step over a batch's segments. `carried` = (state, BPTT history) handed from batch to batch
     on streams (None, [] on the algorithmic tasks, whose batches say carried_state=False: the final state is
-    dropped). -> (loss, carried)."""
+    dropped). With several processes `batch` is this rank's shard: the loss is normalised by the answer tokens
+    of the global batch and the gradients are summed over the ranks before clipping. -> (global loss, carried)."""
     optimizer.zero_grad(set_to_none=True)
     weights = batch.loss_mask.float()
     state, history = carried
+    norm = dist.sum(weights.sum().item())  # answer tokens of the global batch
     loss, state, history = train_segments(
-        model, batch.inputs, batch.targets, weights, weights.sum().item(), model.cfg.bptt_depth, state, history,
-        autocast, final_state=carried_state,
+        model, batch.inputs, batch.targets, weights, norm, model.cfg.bptt_depth, state, history, autocast,
+        final_state=carried_state,
     )  # fmt: skip
+    dist.all_reduce_grads(model)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    return loss, (state, history)
+    return dist.sum(loss), (state, history)
 
 
 @contextlib.contextmanager
@@ -219,20 +238,25 @@ class Run:
     window_start: float = 0.0
     saved_step: int | None = None  # the step of the last checkpoint this run wrote
     bf16: bool = False
+    dist: Dist = SOLO  # this process's rank among torchrun's (rank 0 validates, logs, checkpoints, tests)
+    signal: int = 0  # the signal that stops the run (rank 0's, on every rank)
 
     @property
     def budget(self) -> int:
         return self.st.budget_steps
 
     def checkpoint(self) -> None:
-        if self.checkpoint_path is not None:
+        """Rank 0 writes the checkpoint, with every other rank's random stream and carried state (all ranks
+        call this: it gathers them)."""
+        ranks = self.dist.gather(rank_payload(self.carried)) if self.dist.world > 1 else [None]
+        if self.checkpoint_path is not None and self.dist.main:
             st = self.st
             save_checkpoint(self.checkpoint_path, self.model, self.optimizer, st, self.best_weights, self.carried,
-                            self.run_config)  # fmt: skip
+                            self.run_config, ranks[1:])  # fmt: skip
             self.saved_step = st.step
 
 
-def set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_config) -> Run:
+def set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_config, dist=SOLO) -> Run:
     """The optimiser, the resumed state if any, the precision, and the step budget (fixed once)."""
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
@@ -240,15 +264,20 @@ def set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_
     if resume:
         if checkpoint_path is None or not checkpoint_path.exists():
             raise ConfigError("resume", f"no checkpoint at {checkpoint_path}; pass hydra.run.dir=<the run to resume>")
-        st, best_weights, carried = load_checkpoint(checkpoint_path, model, optimizer, st, run_config)
+        st, best_weights, carried, warning = load_checkpoint(
+            checkpoint_path, model, optimizer, st, run_config, dist.rank, dist.world
+        )
         logger.truncate(st.step)  # metrics logged after the checkpoint come again
         logger.info(f"resumed from {checkpoint_path} at step {st.step}")
-    bf16, why = resolve_precision(cfg.precision, device)
+        if warning:
+            logger.info(warning)
+    # rank 0 chooses the precision (measured once per machine) for all
+    bf16, why = dist.broadcast(resolve_precision(cfg.precision, device) if dist.main else None)
     if cfg.precision == "auto":
         logger.info(why)
     autocast = autocast_factory(device, bf16)
     horizon = st.budget_steps
-    if how := fix_budget(model, task, cfg, st, seed, device, autocast):
+    if how := fix_budget(model, task, cfg, st, seed, device, autocast, dist):
         logger.info(how)
     if resume and horizon and st.budget_steps != horizon:
         logger.info(
@@ -257,10 +286,10 @@ def set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_
         )
     logger.update_config({"trainer": {"max_steps": st.budget_steps}})
     logger.start_progress(st.budget_steps, initial=st.step)
-    batches = task.train_batches(cfg.batch_size, seed, start_step=st.step)
+    batches = (dist.shard(b) for b in task.train_batches(cfg.batch_size, seed, start_step=st.step))
     now = time.perf_counter()
     return Run(model, task, cfg, logger, optimizer, st, best_weights, autocast, batches, checkpoint_path, run_config,
-               carried, started=now - st.train_seconds, window_start=now, bf16=bf16)  # fmt: skip
+               carried, started=now - st.train_seconds, window_start=now, bf16=bf16, dist=dist)  # fmt: skip
 
 
 def training_step(run: Run) -> str | None:
@@ -271,14 +300,16 @@ def training_step(run: Run) -> str | None:
     for group in run.optimizer.param_groups:
         group["lr"] = cfg.lr * lr_factor(cfg, st.step, run.budget) * st.plateau_scale
     run.carried = run.task.carried_in(st.step, cfg.batch_size, run.carried)
-    loss, run.carried = train_step(run.model, run.optimizer, batch, cfg, run.carried, run.autocast, run.task.stream)
+    loss, run.carried = train_step(
+        run.model, run.optimizer, batch, cfg, run.carried, run.autocast, run.task.stream, run.dist
+    )
     if not math.isfinite(loss):
         return "non_finite_loss"
     st.step_seconds += time.perf_counter() - step_start
     st.step += 1
     st.window_loss, st.window_steps = st.window_loss + loss, st.window_steps + 1
-    st.window_tokens += batch.inputs.numel()
-    st.tokens += batch.inputs.numel()
+    st.window_tokens += batch.inputs.numel() * run.dist.world
+    st.tokens += batch.inputs.numel() * run.dist.world
     run.logger.advance(loss)
     if st.step % cfg.log_every == 0 or st.step == run.budget:
         elapsed = time.perf_counter() - run.window_start
@@ -291,37 +322,42 @@ def training_step(run: Run) -> str | None:
 
 def evaluate_and_checkpoint(run: Run) -> str | None:
     """Every `eval_every` steps and at the last: validate, keep the best weights, step the plateau schedule,
-    log, checkpoint. -> "non_finite_loss" (weights went non-finite: nothing saved), "early_stop_acc", or None."""
+    log, checkpoint. -> "non_finite_loss" (weights went non-finite: nothing saved), "early_stop_acc", or None.
+    Rank 0 validates; the plateau scale and the early stop reach the other ranks from it."""
     st, cfg = run.st, run.cfg
     if st.step % cfg.eval_every and st.step != run.budget:
         return None
-    if not weights_finite(run.model):
+    if not weights_finite(run.model):  # the weights are the same on every rank: so is the answer
         st.step -= 1  # the step that made the weights non-finite
         return "non_finite_loss"
-    val = evaluate(run.model, run.task, "valid", cfg.eval_batch_size, run.autocast)
-    if score(val) > st.best_score:
-        st.best_score, st.best_step, st.best_val = score(val), st.step, val
-        run.best_weights = copy.deepcopy(run.model.state_dict())
-    if cfg.schedule == "plateau":
-        plateau_step(st, cfg, val["loss"])
+    early_stop = False
+    if run.dist.main:
+        val = evaluate(run.model, run.task, "valid", cfg.eval_batch_size, run.autocast)
+        if score(val) > st.best_score:
+            st.best_score, st.best_step, st.best_val = score(val), st.step, val
+            run.best_weights = copy.deepcopy(run.model.state_dict())
+        if cfg.schedule == "plateau":
+            plateau_step(st, cfg, val["loss"])
+        early_stop = cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc
+    st.plateau_scale, early_stop = run.dist.broadcast((st.plateau_scale, early_stop))
     st.train_seconds = time.perf_counter() - run.started
-    run.logger.log({f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60}, st.step)
+    if run.dist.main:
+        run.logger.log({f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60}, st.step)
     run.checkpoint()
-    if cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc:
-        return "early_stop_acc"
-    return None
+    return "early_stop_acc" if early_stop else None
 
 
 def stop_condition(run: Run, signals: list[int]) -> str | None:
-    """The budget is spent, or a signal came (SIGINT / SIGTERM: the step just made is kept)."""
-    if signals:
+    """The budget is spent, or a signal came (SIGINT / SIGTERM: the step just made is kept; rank 0's decides)."""
+    run.signal = run.dist.broadcast(signals[0] if signals else 0)
+    if run.signal:
         return "signal"
     if run.st.step >= run.budget:
         return "max_minutes" if run.st.budget_minutes is not None and run.budget < run.cfg.max_steps else "max_steps"
     return None
 
 
-def stop_early(run: Run, reason: str, signals: list[int]) -> None:
+def stop_early(run: Run, reason: str) -> None:
     """A signal or a non-finite loss ends the run here: one line, the exit status, what was kept."""
     st = run.st
     if reason == "signal":
@@ -331,7 +367,7 @@ def stop_early(run: Run, reason: str, signals: list[int]) -> None:
             kept = f"checkpoint saved at step {st.step}; resume=true continues it"
         except CheckpointError as exc:
             kept = str(exc)
-        raise RunStopped(f"stopped: {signal.Signals(signals[0]).name} at step {st.step}: {kept}", 128 + signals[0])
+        raise RunStopped(f"stopped: {signal.Signals(run.signal).name} at step {st.step}: {kept}", 128 + run.signal)
     if reason == "non_finite_loss":
         kept = (
             f"checkpoint.pt keeps step {run.saved_step}" if run.saved_step is not None else "no checkpoint was written"
@@ -347,8 +383,10 @@ def stop_early(run: Run, reason: str, signals: list[int]) -> None:
 
 def final_test(run: Run, stop_reason: str, device: torch.device) -> dict:
     """Test the best-validation weights (and, with `memory_reset_control`, again with the memory reset at every
-    segment); -> the run's summary."""
+    segment); -> the run's summary (rank 0; the other ranks are done: an empty one)."""
     model, st, cfg = run.model, run.st, run.cfg
+    if not run.dist.main:
+        return {}
     train_seconds = time.perf_counter() - run.started
     model.load_state_dict(run.best_weights)
     test_start = time.perf_counter()
@@ -363,6 +401,7 @@ def final_test(run: Run, stop_reason: str, device: torch.device) -> dict:
         "test_minutes": (time.perf_counter() - test_start) / 60,
         "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9), "peak_memory_mb": peak_memory_mb(device),
         "params": sum(p.numel() for p in model.parameters()), "precision": "bf16" if run.bf16 else "fp32",
+        "world_size": run.dist.world,
     }  # fmt: skip
 
 
@@ -376,14 +415,16 @@ def fit(
     checkpoint_path: Path | None = None,
     resume: bool = False,
     run_config: dict | None = None,
+    dist: Dist = SOLO,
 ) -> dict:
     """Train for a fixed step budget, validating every `eval_every` steps; test the best-validation weights.
-    `run_config` (the resolved config) goes into every checkpoint; a resume with other trajectory keys is refused."""
-    run = set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_config)
+    `run_config` (the resolved config) goes into every checkpoint; a resume with other trajectory keys is refused.
+    `dist`: this process's rank of several (torchrun; train/distributed.py)."""
+    run = set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_config, dist)
     with stop_signals() as signals:
         reason = stop_condition(run, signals)  # a resumed run may have nothing left to do
         while reason is None:
             reason = training_step(run) or evaluate_and_checkpoint(run) or stop_condition(run, signals)
         logger.close_progress()
-        stop_early(run, reason, signals)
+        stop_early(run, reason)
     return final_test(run, reason, device)
