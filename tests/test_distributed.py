@@ -146,6 +146,40 @@ def test_a_killed_two_process_run_resumes_exactly(tmp_path):
         assert torch.equal(weights(run_dir)[key], value), key
 
 
+def test_rank_0_fixes_the_budget_and_stops_every_rank_early(tmp_path):
+    """max_minutes: rank 0's measured budget holds for both; early_stop_acc: rank 0's validation stops both at
+    the first evaluation (no rank left waiting in a collective)."""
+    args = [*ALGORITHMIC, "trainer.max_minutes=0.2", "trainer.max_steps=100000", "trainer.early_stop_acc=0.0"]
+    res = torchrun(2, args, tmp_path / "run", tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "early_stop_acc" and summary["steps"] == 4 and summary["budget_steps"] > 4
+    assert res.stderr.count("step budget:") == 1  # one process reports it
+
+
+def test_sigterm_under_torchrun_checkpoints_once_and_resumes(tmp_path):
+    """torchrun forwards SIGTERM to its processes: rank 0 decides, checkpoints with every rank's state, says it
+    once; `resume=true` under torchrun finishes the run."""
+    args = [*ALGORITHMIC, "trainer.max_steps=100000", "trainer.eval_every=50"]
+    run_dir = tmp_path / "run"
+    proc = torchrun(2, args, run_dir, tmp_path, wait=False)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: SIGTERM at step")]
+    assert len(stopped) == 1 and "checkpoint saved" in stopped[0], stderr
+    step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["train_state"]["step"]
+    assert f"at step {step}:" in stopped[0]
+    resumed = torchrun(2, [*ALGORITHMIC, f"trainer.max_steps={step + 4}", "trainer.eval_every=50", "resume=true"],
+                       run_dir, tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == step + 4
+
+
 def test_a_sweep_under_torchrun_is_one_line(tmp_path):
     res = torchrun(2, ["-m", *ALGORITHMIC, "seed=0,1"], tmp_path / "run", tmp_path)
     assert res.returncode != 0
