@@ -124,7 +124,9 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, choices: dict | Non
         )
     run_dir = Path(dist.broadcast(str(run_dir)))  # rank 0's: the one checkpoint every rank resumes from
     torch.manual_seed(cfg.seed)
-    task = build_task(cfg.task, device)
+    task = build_task(cfg.task, device) if dist.main else None
+    dist.broadcast(None)  # the others read the corpus cache (LM) once rank 0 has written it
+    task = task if task is not None else build_task(cfg.task, device)
     model = build_model(cfg.model, task.vocab_size, task.pad_front)  # the same initial weights on every rank
     if dist.rank:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # each rank its own dropout stream

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-# Other ranks wait in a collective while rank 0 validates and checkpoints: the process group's timeout has to
-# outlast the longest validation (a paper-scale WikiText-103 split, a greedy 10,000-example test is never waited on).
+# Other ranks wait in a collective while rank 0 validates and checkpoints, and at the end while it tests: the
+# process group's timeout has to outlast the longest of these (a paper-scale WikiText-103 split, a greedy
+# 10,000-example test: minutes to tens of minutes).
 TIMEOUT = datetime.timedelta(hours=3)
 
 
@@ -112,5 +113,10 @@ def start(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def stop() -> None:
+    """Leave the process group together: every rank waits for the others (rank 0 tests last) before it is
+    destroyed; a rank that left alone while another still used the group can abort at exit (gloo's threads)."""
     if tdist.is_initialized():
-        tdist.destroy_process_group()
+        try:
+            tdist.barrier()
+        finally:
+            tdist.destroy_process_group()
