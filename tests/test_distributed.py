@@ -99,6 +99,17 @@ def test_two_processes_train_a_language_model_with_bptt_k_as_one_process(tmp_pat
     assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
+def started_until_checkpoint(args: list[str], run_dir: Path, cwd: Path) -> subprocess.Popen:
+    """A 2-process run started and left running until its first checkpoint exists."""
+    proc = torchrun(2, args, run_dir, cwd, wait=False)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    return proc
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (from /proc)."""
     parent = {}
@@ -124,12 +135,7 @@ def test_a_killed_two_process_run_resumes_exactly(tmp_path):
     full = torchrun(2, args, tmp_path / "full", tmp_path)
     assert full.returncode == 0, full.stderr
     run_dir = tmp_path / "split"
-    proc = torchrun(2, args, run_dir, tmp_path, wait=False)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoint.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.01)
+    proc = started_until_checkpoint(args, run_dir, tmp_path)
     for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's workers sit in sessions of their own
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=60)
@@ -162,12 +168,7 @@ def test_sigterm_under_torchrun_checkpoints_once_and_resumes(tmp_path):
     once; `resume=true` under torchrun finishes the run."""
     args = [*ALGORITHMIC, "trainer.max_steps=100000", "trainer.eval_every=50"]
     run_dir = tmp_path / "run"
-    proc = torchrun(2, args, run_dir, tmp_path, wait=False)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoint.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = started_until_checkpoint(args, run_dir, tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped: SIGTERM at step")]

@@ -69,7 +69,7 @@ class Dist:
         offset = 0
         for p in params:
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
             offset += n
 
     def broadcast(self, obj):
