@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rmt_bench.config import (
     LM_TASKS,
+    MODEL_SWITCHES,
     SWEEP_DIRECTION,
     ConfigError,
     LMTaskConfig,
@@ -172,8 +173,9 @@ def summary_line(s: dict) -> str:
     if "test_memory_reset/acc" in s:
         test += f" | memory reset: acc {s['test_memory_reset/acc']:.4f}"
     best = s.get(f"val/best_{key}", float("nan"))
+    mem = f" mem={s['mem']}" if MODEL_SWITCHES.get(s["model"]) else ""  # vanilla has none (ignores `mem`)
     return (
-        f"{s['task']} {s['model']} mem={s['mem']} segments={s['segments']} seed={s['seed']} | {test} | "
+        f"{s['task']} {s['model']}{mem} segments={s['segments']} seed={s['seed']} | {test} | "
         f"best val {best:.4f} @ {s['best_step']} | {s['steps']} steps {s['train_minutes']:.1f} min "
         f"{s['tokens_per_s']:.0f} tok/s peak {s['peak_memory_mb']:.0f} MB"
     )

@@ -200,6 +200,12 @@ def test_multirun_writes_every_job(tmp_path):
     assert {json.loads(p.read_text())["model"] for p in summaries} == {"vanilla", "rmt"}
     assert all((p.parent / "metrics.jsonl").stat().st_size > 0 for p in summaries)
     assert {p.parent.name for p in summaries} == {"0_model=vanilla", "1_model=rmt"}  # the swept key only
+    # each job's summary line: the memory size only for the model that has memory
+    lines = [line for line in res.stdout.splitlines() if line.startswith("reverse ")]
+    assert [line.split(" |")[0] for line in lines] == [
+        "reverse vanilla segments=4 seed=0",
+        "reverse rmt mem=2 segments=4 seed=0",
+    ]
 
 
 def test_a_sweep_with_bad_values_names_every_bad_job_and_runs_nothing(tmp_path):
