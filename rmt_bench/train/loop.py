@@ -102,7 +102,15 @@ def step_budget(seconds: float, seconds_per_step: float, seconds_per_eval: float
 
 
 def fix_budget(
-    model, task: Task, cfg: TrainerConfig, st: TrainState, seed: int, device, autocast, dist: Dist = SOLO
+    model,
+    task: Task,
+    cfg: TrainerConfig,
+    st: TrainState,
+    seed: int,
+    device,
+    autocast,
+    dist: Dist = SOLO,
+    eval_autocast=None,
 ) -> str | None:
     """Set `st.budget_steps` once; returns a line for the log when it came from `max_minutes`. Then the speed
     is measured on a copy of the model and optimiser (training steps, then one validation) with the RNG put
@@ -133,7 +141,7 @@ def fix_budget(
         st.seconds_per_step = (time.perf_counter() - t0) / timed
         t0 = time.perf_counter()
         if dist.main:
-            evaluate(probe, task, "valid", cfg.eval_batch_size, autocast)
+            evaluate(probe, task, "valid", cfg.eval_batch_size, eval_autocast or autocast)
         st.seconds_per_eval = time.perf_counter() - t0
     left = cfg.max_minutes * 60 - st.train_seconds - (time.perf_counter() - start)
     fits = step_budget(left, st.seconds_per_step, st.seconds_per_eval, cfg.eval_every)
@@ -237,7 +245,9 @@ class Run:
     started: float = 0.0  # perf_counter at step 0 of the (possibly resumed) run
     window_start: float = 0.0
     saved_step: int | None = None  # the step of the last checkpoint this run wrote
-    bf16: bool = False
+    bf16: bool = False  # training in bf16 autocast
+    eval_bf16: bool = False  # evaluation in bf16 autocast (decided apart: precision.py)
+    eval_autocast: Callable = contextlib.nullcontext
     dist: Dist = SOLO  # this process's rank among torchrun's (rank 0 validates, logs, checkpoints, tests)
     signal: int = 0  # the signal that stops the run (rank 0's, on every rank)
 
@@ -271,13 +281,13 @@ def set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_
         logger.info(f"resumed from {checkpoint_path} at step {st.step}")
         if warning:
             logger.info(warning)
-    # rank 0 chooses the precision (measured once per machine) for all
-    bf16, why = dist.broadcast(resolve_precision(cfg.precision, device) if dist.main else None)
+    # rank 0 chooses the precisions of training and evaluation (measured once per machine) for all
+    bf16, eval_bf16, why = dist.broadcast(resolve_precision(cfg.precision, device) if dist.main else None)
     if cfg.precision == "auto":
         logger.info(why)
-    autocast = autocast_factory(device, bf16)
+    autocast, eval_autocast = autocast_factory(device, bf16), autocast_factory(device, eval_bf16)
     horizon = st.budget_steps
-    if how := fix_budget(model, task, cfg, st, seed, device, autocast, dist):
+    if how := fix_budget(model, task, cfg, st, seed, device, autocast, dist, eval_autocast):
         logger.info(how)
     if resume and horizon and st.budget_steps != horizon:
         logger.info(
@@ -289,7 +299,8 @@ def set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_
     batches = (dist.shard(b) for b in task.train_batches(cfg.batch_size, seed, start_step=st.step))
     now = time.perf_counter()
     return Run(model, task, cfg, logger, optimizer, st, best_weights, autocast, batches, checkpoint_path, run_config,
-               carried, started=now - st.train_seconds, window_start=now, bf16=bf16, dist=dist)  # fmt: skip
+               carried, started=now - st.train_seconds, window_start=now, bf16=bf16, eval_bf16=eval_bf16,
+               eval_autocast=eval_autocast, dist=dist)  # fmt: skip
 
 
 def training_step(run: Run) -> str | None:
@@ -332,7 +343,7 @@ def evaluate_and_checkpoint(run: Run) -> str | None:
         return "non_finite_loss"
     early_stop = False
     if run.dist.main:
-        val = evaluate(run.model, run.task, "valid", cfg.eval_batch_size, run.autocast)
+        val = evaluate(run.model, run.task, "valid", cfg.eval_batch_size, run.eval_autocast)
         if score(val) > st.best_score:
             st.best_score, st.best_step, st.best_val = score(val), st.step, val
             run.best_weights = copy.deepcopy(run.model.state_dict())
@@ -390,9 +401,10 @@ def final_test(run: Run, stop_reason: str, device: torch.device) -> dict:
     train_seconds = time.perf_counter() - run.started
     model.load_state_dict(run.best_weights)
     test_start = time.perf_counter()
-    metrics = {f"test/{k}": v for k, v in evaluate(model, run.task, "test", cfg.eval_batch_size, run.autocast).items()}
+    test = evaluate(model, run.task, "test", cfg.eval_batch_size, run.eval_autocast)
+    metrics = {f"test/{k}": v for k, v in test.items()}
     if cfg.memory_reset_control and model.writes(model.initial_state()):
-        reset = evaluate(model, run.task, "test", cfg.eval_batch_size, run.autocast, reset_memory=True)
+        reset = evaluate(model, run.task, "test", cfg.eval_batch_size, run.eval_autocast, reset_memory=True)
         metrics |= {f"test_memory_reset/{k}": v for k, v in reset.items()}
     run.logger.log(metrics, st.step)
     return metrics | {f"val/best_{k}": v for k, v in st.best_val.items()} | {
@@ -401,6 +413,7 @@ def final_test(run: Run, stop_reason: str, device: torch.device) -> dict:
         "test_minutes": (time.perf_counter() - test_start) / 60,
         "tokens_per_s": st.tokens / max(st.step_seconds, 1e-9), "peak_memory_mb": peak_memory_mb(device),
         "params": sum(p.numel() for p in model.parameters()), "precision": "bf16" if run.bf16 else "fp32",
+        "eval_precision": "bf16" if run.eval_bf16 else "fp32",
         "world_size": run.dist.world,
     }  # fmt: skip
 
