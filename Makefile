@@ -34,11 +34,13 @@ run: install
 reproduce: install
 	$(VENV)/bin/rmt-bench-suite $(BENCH) --scale $(SCALE) --jobs $(JOBS)
 
+# the tests in parallel, one process per core (pytest-xdist; at most TEST_WORKERS), one torch thread each
+TEST_WORKERS ?= 8
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses $(TEST_WORKERS)
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow -n auto --maxprocesses $(TEST_WORKERS)
 
 lint: install
 	$(VENV)/bin/ruff check .

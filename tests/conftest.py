@@ -13,6 +13,11 @@ import torch
 from rmt_bench.config import ModelConfig, TaskConfig, model_switches
 
 ROOT = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest process per core: one torch thread each, in them and in the runs they start
+    # (two processes of two OpenMP threads on two cores slow a tiny step ~200x)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 # a tiny, fast job: every CLI test adds these unless it means to test something else
 TINY = [
     "backbone=tiny",
