@@ -62,7 +62,7 @@ def test_auto_follows_the_measured_speedup(cache_dir, monkeypatch, speedup, bf16
 
 def test_a_run_trains_and_evaluates_in_the_precisions_decided(cache_dir, tmp_path):
     """bf16 training with fp32 evaluation, as cached for this machine: the summary records both, and the test
-    accuracy is the fp32 evaluation of the best weights (bf16 decoding gives other logits)."""
+    loss is the fp32 evaluation of the best weights (a bf16 evaluation gives another)."""
     (cache_dir / "precision.json").write_text(json.dumps({precision.machine_key(): entry(1.5, 0.6)}))
     task = build_task(tiny_task())
     torch.manual_seed(0)
