@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
 # The one mapping from a model name to its switches, MEM standing for the memory size (`mem=`): configs/model/
@@ -26,6 +26,8 @@ ARCHS = ("paper", "trainable")  # backbone styles: configs/arch/*.yaml set pre_l
 ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval", "quadratic")
 LM_TASKS = ("wikitext103", "enwik8")
 LEVELS = ("word", "char")
+PAD_SIDES = ("front", "end")
+CURRICULUM_KEYS = ("num_pairs", "length", "segments")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "plateau")
 DEVICES = ("auto", "cpu", "cuda")
@@ -92,6 +94,9 @@ class ModelConfig:
     # Sec. 3: memory tokens [read ; segment ; write]; the write outputs become the next read memory.
     num_mem_tokens: int = 0
     recurrent_memory: bool = True
+    # a learned vector per memory slot added to the carried read memory at every segment (lucidrains'
+    # recurrent-memory-transformer-pytorch `read_memory_emb`; not in the paper, off by default: docs/RESULTS.md)
+    read_memory_emb: bool = False
     bptt_depth: int = -1  # -1: full BPTT over the example; k: gradient through k previous segments
     # Transformer-XL cache of the previous `mem_len` hidden states per layer (detached).
     mem_len: int = 0
@@ -146,6 +151,8 @@ class ModelConfig:
             raise ConfigError("model.num_mem_tokens", "rmt_xl needs memory tokens: mem >= 1 (mem=0 is model=xl)")
         if self.read_mem_from_cache and not (c and m):
             raise ConfigError("model.read_mem_from_cache", "needs both memory tokens and a cache (model=rmt_xl)")
+        if self.read_memory_emb and not (m and self.recurrent_memory):
+            raise ConfigError("model.read_memory_emb", "needs recurrent memory tokens (model=rmt or rmt_xl)")
         if self.same_length and not c:
             raise ConfigError("model.same_length", "needs a cache: mem_len >= 1 (model=xl or rmt_xl)")
 
@@ -164,6 +171,9 @@ class TaskConfig:
     num_symbols: int = 10  # alphabet of X; tokens 0 (pad) and 1 (start) come on top
     num_pairs: int = 4  # key-value pairs (retrieval)
     segments: int = 4
+    # where padding goes when the segments do not divide the sequence (retrieval): `front`, hidden from attention;
+    # `end`, after the answer in the last segment (the official code's uneven chunks, e.g. 10 tokens as 4 + 4 + 2)
+    pad_side: str = "front"
     train_size: int = 100_000
     valid_size: int = 2_000
     test_size: int = 10_000
@@ -175,6 +185,7 @@ class TaskConfig:
         _at_least("task.num_symbols", self.num_symbols, 2)
         _in_range("task.num_pairs", self.num_pairs, 1, 26)
         _at_least("task.segments", self.segments, 1)
+        _choice("task.pad_side", self.pad_side, PAD_SIDES)
         _at_least("task.train_size", self.train_size, 1)
         _at_least("task.valid_size", self.valid_size, 1)
         _at_least("task.test_size", self.test_size, 1)
@@ -200,18 +211,118 @@ class TaskConfig:
         return lengths.get(self.name, 2 * self.num_pairs + 2)
 
     @property
-    def pad_front(self) -> int:
-        """Padding tokens in front of a retrieval sequence so that `segments` divide it (10 tokens in 3 or 4
-        segments: 2), masked out of attention and the loss; 0 for the other tasks and for divisors."""
+    def padding(self) -> int:
+        """Padding tokens that make `segments` divide a retrieval sequence (10 tokens in 3 or 4 segments: 2); 0 for
+        the other tasks and for divisors."""
         return -self.unpadded_len % self.segments if self.name == "retrieval" else 0
 
     @property
+    def pad_front(self) -> int:
+        """Padding in front of the sequence, masked out of attention and the loss (`pad_side: front`)."""
+        return self.padding if self.pad_side == "front" else 0
+
+    @property
+    def pad_end(self) -> int:
+        """Padding after the answer, in the last segment (`pad_side: end`): no output before it depends on it."""
+        return self.padding if self.pad_side == "end" else 0
+
+    @property
     def seq_len(self) -> int:
-        return self.unpadded_len + self.pad_front
+        return self.unpadded_len + self.padding
 
     @property
     def segment_len(self) -> int:
         return self.seq_len // self.segments
+
+    @property
+    def curriculum_keys(self) -> tuple[str, ...]:
+        """The keys a curriculum may vary on this task (`trainer.curriculum.key`)."""
+        return {"retrieval": ("num_pairs", "segments"), "copy": ("length", "segments"),
+                "reverse": ("length", "segments")}.get(self.name, ())  # fmt: skip
+
+    def at(self, key: str, value: int) -> TaskConfig:
+        """This task at another value of `key`, as a curriculum stage. `num_pairs` / `length`: the segment count
+        stays and the segment length follows; `segments`: the segment length stays and the sequence follows
+        (copy 3L and reverse 2L tokens, retrieval as many pairs as fit, padded). Raises ConfigError."""
+        if key != "segments":
+            return replace(self, **{key: value})
+        total = value * self.segment_len
+        if self.name == "retrieval":
+            if total < 4:
+                raise ConfigError("trainer.curriculum.stages", f"{value} segments of {self.segment_len} tokens do not "
+                                  "hold one retrieval pair (4 tokens: a key, its value, '?', the query)")  # fmt: skip
+            return replace(self, segments=value, num_pairs=min((total - 2) // 2, 26))
+        per = 3 if self.name == "copy" else 2
+        if total % per:
+            raise ConfigError("trainer.curriculum.stages", f"{value} segments of {self.segment_len} tokens do not hold "
+                              f"a {self.name} sequence ({per} x length tokens)")  # fmt: skip
+        return replace(self, segments=value, length=total // per)
+
+    @property
+    def key_value(self) -> dict:
+        return {"num_pairs": self.num_pairs, "length": self.length, "segments": self.segments}
+
+
+@dataclass
+class CurriculumConfig:
+    """Stages of the task before its own setting (PAPER.md: the follow-up and BABILong / ARMT train memory this
+    way): the stage's value of `key` (`num_pairs`, `length` or `segments`) rises through `stages`, then the task's
+    own value is the last stage. Each stage continues from the last; the next one starts when the stage's own
+    validation reaches `threshold` (greedy accuracy) or after `max_stage_steps`. `varying`: each batch draws
+    its value uniformly from the first stage's to the current stage's."""
+
+    key: str | None = None
+    stages: list[int] = field(default_factory=list)
+    threshold: float = 0.95
+    max_stage_steps: int | None = None
+    varying: bool = False
+    valid_size: int = 1000  # examples in each stage's validation set
+
+    def __post_init__(self) -> None:
+        self.stages = [int(v) for v in self.stages]
+        if self.key is not None:
+            _choice("trainer.curriculum.key", self.key, CURRICULUM_KEYS)
+        if self.key is None and self.stages:
+            raise ConfigError("trainer.curriculum.key", f"stages {self.stages} need a key: one of "
+                              f"{', '.join(CURRICULUM_KEYS)}")  # fmt: skip
+        if self.key is not None and not self.stages:
+            raise ConfigError("trainer.curriculum.stages", "an empty list; give the values before the task's own, e.g. "
+                              "[1,2,3] (or key=null: no curriculum)")  # fmt: skip
+        if any(v < 1 for v in self.stages) or any(b <= a for a, b in zip(self.stages, self.stages[1:])):
+            raise ConfigError("trainer.curriculum.stages", f"must be increasing values >= 1, got {self.stages}")
+        _in_range("trainer.curriculum.threshold", self.threshold, 0.0, 1.0)
+        if self.max_stage_steps is not None:
+            _at_least("trainer.curriculum.max_stage_steps", self.max_stage_steps, 1)
+        _at_least("trainer.curriculum.valid_size", self.valid_size, 1)
+
+    @property
+    def on(self) -> bool:
+        return self.key is not None
+
+    def settings(self, task: TaskConfig | LMTaskConfig) -> list[TaskConfig]:
+        """Every stage's task config, the task's own last. Raises ConfigError for a schedule the task cannot run."""
+        if not self.on:
+            return [task]
+        if not isinstance(task, TaskConfig) or not task.curriculum_keys:
+            raise ConfigError(
+                "trainer.curriculum.key",
+                f"task {task.name} has no curriculum (it varies the algorithmic tasks copy, reverse and retrieval); "
+                "use trainer.curriculum.key=null",
+            )
+        if self.key not in task.curriculum_keys:
+            raise ConfigError("trainer.curriculum.key", f"'{self.key}' is not a key task {task.name} can vary; "
+                              f"choose one of: {', '.join(task.curriculum_keys)}")  # fmt: skip
+        final = task.key_value[self.key]
+        if self.stages[-1] > final:
+            raise ConfigError("trainer.curriculum.stages", f"{self.stages[-1]} is past the task's own {self.key} "
+                              f"{final} (the last stage); stages must stay at or below it")  # fmt: skip
+        out = []
+        for value in (v for v in self.stages if v < final):
+            try:
+                out.append(task.at(self.key, value))
+            except ConfigError as exc:
+                raise ConfigError("trainer.curriculum.stages", f"stage {self.key}={value}: {exc}") from None
+        return [*out, task]
 
 
 @dataclass
@@ -266,8 +377,11 @@ class TrainerConfig:
     eval_batch_size: int = 500
     log_every: int = 50
     num_threads: int | None = None  # torch CPU threads; None: torch's default
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.curriculum, dict):
+            self.curriculum = from_dict(CurriculumConfig, self.curriculum, "trainer.curriculum")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
             raise ConfigError("trainer.betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
@@ -330,6 +444,7 @@ class RunConfig:
             raise ConfigError("mem", "model=xl needs a cache: mem >= 1 (with mem=0 it is model=vanilla)")
         if self.model.name == "rmt" and self.model.num_mem_tokens == 0:
             raise ConfigError("mem", "model=rmt needs memory tokens: mem >= 1 (with mem=0 it is model=vanilla)")
+        self.trainer.curriculum.settings(self.task)  # a schedule the task cannot run is one line here
 
 
 # Keys that do not change what a run computes, or that differ between the seeds of one cell: left out of its hash.

@@ -57,8 +57,10 @@ def collect(bench_dir: Path, data: dict, scale: str) -> list[dict]:
             summary = json.loads(path.read_text())
             groups.setdefault(summary.get("config_hash", ""), []).append(summary)
     for cell, groups in by_cell.values():
-        base = {"name": cell.name, "paper": cell.paper, "x": cell.keys.get(data.get("x"), cell.name),
-                "series": series_label(cell.keys, data.get("series")), "hash": "", "runs": []}  # fmt: skip
+        x = cell.x if cell.x is not None else cell.keys.get(data.get("x"), cell.name)
+        series = series_label(cell.keys, data.get("series")) + (f" ({cell.split})" if cell.split else "")
+        name = cell.name + (f" [{cell.split}]" if cell.split else "")
+        base = {"name": name, "paper": cell.paper, "x": x, "series": series, "hash": "", "runs": []}
         if not groups:
             rows.append(base | {"values": []})
         for config, runs in sorted(groups.items()):
@@ -78,7 +80,8 @@ def table(bench_dir: Path, scale: str) -> tuple[str, list[dict]]:
     lines = [
         f"### {data.get('title', bench_dir.name)} ({scale} scale)",
         "",
-        f"`{data['metric']}` ({better} is better), ours over seeds {data['seeds']} beside the paper's number; "
+        f"`{data['metric']}` ({better} is better), ours over seeds {data['seeds']} (a cell's own `seeds` where it "
+        "gives them) beside the paper's number; "
         f"backbone style {', '.join(seen['arch']) or '-'}, precision {', '.join(seen['precision']) or '-'}.",
         "",
         "| cell | ours (mean) | min | max | runs | paper | ours - paper |",

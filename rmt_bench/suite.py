@@ -30,7 +30,10 @@ import yaml
 
 _PACKAGED = Path(__file__).resolve().parent / "benchmarks"  # tasks/, inside an installed wheel
 BENCHMARK_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "tasks"
-CELL_KEYS_RESERVED = ("paper", "extra")  # a cell's paper number; its overrides per scale
+# a cell's paper number; its overrides per scale; where the figure places it when its own keys do not say (`x`:
+# e.g. the paper's segment label of a cell that the official code split otherwise); a label of its split (`split`)
+# the cell's own seeds, when they differ from the file's (`seeds`)
+CELL_KEYS_RESERVED = ("paper", "extra", "x", "split", "seeds")
 
 
 class SuiteError(Exception):
@@ -44,6 +47,8 @@ class Cell:
     seed: int
     paper: float | None
     keys: dict  # the cell's own keys and values, as in the benchmark file
+    x: object = None  # the figure's x for this cell, if the file gives one (else the value of the file's `x` key)
+    split: str | None = None  # a label of how the cell splits the task (a series of its own in the report)
 
     def run_dir(self, root: Path) -> Path:
         return root / self.name / f"seed{self.seed}"
@@ -93,7 +98,8 @@ def cells(data: dict, scale: str, extra: list[str] = ()) -> list[Cell]:
         for override in (o for layer in layers for o in layer):
             merged.pop(_key(override), None)
             merged[_key(override)] = override
-        out += [Cell(name, list(merged.values()), seed, spec.get("paper"), own) for seed in data["seeds"]]
+        out += [Cell(name, list(merged.values()), seed, spec.get("paper"), own, spec.get("x"), spec.get("split"))
+                for seed in spec.get("seeds", data["seeds"])]  # fmt: skip
     return out
 
 

@@ -302,3 +302,24 @@ def test_a_padded_segment_equals_the_unpadded_one_for_vanilla():
         hp, _ = padded(torch.cat([torch.zeros(3, 1, 2, dtype=torch.long), x], 2))
         h, _ = plain(x)
     assert_close(hp[:, :, 2:], h, atol=1e-6, rtol=1e-6)
+
+
+def test_read_memory_emb_is_added_to_the_carried_memory_only():
+    """model.read_memory_emb (lucidrains' per-slot read embedding): zero, it is the plain model; it never touches the
+    first segment (which reads the learned initial memory) and changes what later segments read; it trains."""
+    torch.manual_seed(0)
+    with_emb = build_model(tiny_model("rmt", read_memory_emb=True), VOCAB).eval()
+    plain = build_model(tiny_model("rmt"), VOCAB).eval()
+    plain.load_state_dict({k: v for k, v in with_emb.state_dict().items() if k != "read_memory_emb"})
+    x = tokens(b=3, s=3, n=4, seed=1)
+    with torch.no_grad():
+        h_emb, _ = with_emb(x)
+        h_plain, _ = plain(x)
+        assert_close(h_emb[:, 0], h_plain[:, 0], atol=1e-6, rtol=1e-6)
+        assert (h_emb[:, 1:] - h_plain[:, 1:]).abs().max() > 1e-3
+        with_emb.read_memory_emb.zero_()
+        assert_close(with_emb(x)[0], h_plain, atol=1e-6, rtol=1e-6)
+    with_emb.train()
+    hidden, _ = with_emb(x)
+    hidden[:, -1].sum().backward()
+    assert with_emb.read_memory_emb.grad.abs().sum() > 0

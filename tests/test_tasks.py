@@ -152,3 +152,54 @@ def test_retrieval_segments_beyond_its_length_are_one_line():
 
     with pytest.raises(ConfigError, match=r"task.segments.*11"):
         tiny_task("retrieval", segments=11)
+
+
+@pytest.mark.parametrize("pairs", [2, 4, 10])
+def test_retrieval_keys_and_values_are_distinct_as_the_official_generator(pairs):
+    """booydar/LM-RMT `retrieval.py`: distinct letters as keys, distinct digits as values while pairs <= 10."""
+    from rmt_bench.tasks.algorithmic import NUM_KEYS
+
+    task = build_task(tiny_task("retrieval", num_pairs=pairs, segments=1, train_size=2000))
+    seq, _ = full_sequences(task, "train")
+    keys, values = seq[:, 0 : 2 * pairs : 2], seq[:, 1 : 2 * pairs : 2]
+    assert ((keys >= 2) & (keys < 2 + NUM_KEYS)).all() and (values >= 2 + NUM_KEYS).all()
+    for part in (keys, values):
+        assert (part.sort(1).values.diff(1) != 0).all()  # no repeat within an example
+    # every digit is drawn: the values are a random subset, not a fixed one
+    assert values.unique().numel() == 10
+
+
+def test_retrieval_values_repeat_beyond_ten_pairs():
+    """Beyond 10 pairs there are not enough digits: drawn with replacement, as the official code does."""
+    task = build_task(tiny_task("retrieval", num_pairs=12, segments=1, train_size=200))
+    seq, _ = full_sequences(task, "train")
+    values = seq[:, 1:24:2]
+    assert (values.sort(1).values.diff(1) == 0).any(1).all()
+
+
+def test_retrieval_no_memory_bound_in_two_segments_is_one_half():
+    """The last of 2 segments shows `v3 k4 v4 ? kq`: answering v4 for the query k4 and v3 otherwise scores
+    0.25 + 0.25 = 0.50 with distinct values (the paper's Baseline), and no rule on that segment alone does better."""
+    task = build_task(tiny_task("retrieval", segments=2, test_size=20000))
+    last, target = task.splits["test"].inputs[:, -1], task.splits["test"].targets[:, -1, -1]
+    v3, k4, v4, kq = last[:, 0], last[:, 1], last[:, 2], last[:, 4]
+    guess = torch.where(kq == k4, v4, v3)
+    assert abs((guess == target).float().mean().item() - 0.50) < 0.015
+
+
+def test_retrieval_padded_at_the_end_splits_as_the_official_chunks():
+    """tgt_len 3 in the official training loop: torch.chunk of 10 tokens into 3 is 4 + 4 + 2, the query alone in
+    the last chunk. pad_side=end gives 3 segments of 4 whose last holds `? kq` and 2 padding inputs; the answer
+    is scored at the query and is never an input; the examples are those of 2 segments."""
+    from rmt_bench.tasks.algorithmic import PAD
+
+    plain = build_task(tiny_task("retrieval", segments=2))
+    chunks = build_task(tiny_task("retrieval", segments=3, pad_side="end"))
+    assert chunks.pad_front == 0 and chunks.cfg.pad_end == 2 and chunks.segment_len == 4
+    test, ref = chunks.splits["test"], plain.splits["test"]
+    last = test.inputs[:, -1]
+    assert (last[:, 0] == START).all() and (last[:, 2:] == PAD).all()
+    assert torch.equal(last[:, 1], ref.inputs[:, -1, -1])  # the queried key
+    assert torch.equal(test.loss_mask[:, -1], torch.tensor([False, True, False, False]).expand(16, 4))
+    assert torch.equal(test.targets[:, -1, 1], ref.targets[:, -1, -1])  # the value
+    assert torch.equal(test.inputs.reshape(16, -1)[:, :10], ref.inputs.reshape(16, -1))

@@ -100,19 +100,26 @@ class RecurrentModel(nn.Module):
         m, d = cfg.num_mem_tokens, cfg.d_model
         # distinct initial slots (the public code's were identical), at the scale of the scaled embeddings
         self.memory = nn.Parameter(torch.randn(m, d) * cfg.init_std * math.sqrt(d)) if m else None
+        # optional: a learned per-slot vector added to the carried memory when it is read (not the paper's)
+        self.read_memory_emb = (
+            nn.Parameter(torch.randn(m, d) * cfg.init_std * math.sqrt(d)) if cfg.read_memory_emb else None
+        )
 
     @property
     def head(self):
         return self.backbone.head
 
-    def initial_state(self, mem_len: int | None = None, reset_memory: bool = False) -> SegmentState:
+    def initial_state(
+        self, mem_len: int | None = None, reset_memory: bool = False, pad: int | None = None
+    ) -> SegmentState:
         """The state before a sequence's first segment. Evaluation settings: `mem_len`, a Transformer-XL cache
         length other than the trained one (models without a cache ignore it); `reset_memory`, the control in
         which every segment reads the learned initial memory and nothing is carried by memory tokens (the write
         block, which the tokens never see, is left out). A model that stores the answer in its memory falls
-        back to chance under it."""
+        back to chance under it. `pad`: the sequence's front padding (None: the model's `pad_front`)."""
         kept = mem_len if mem_len is not None and self.cfg.mem_len else None
-        return SegmentState(pad=self.pad_front, mem_len=kept, reset_memory=reset_memory)
+        pad = self.pad_front if pad is None else pad
+        return SegmentState(pad=pad, mem_len=kept, reset_memory=reset_memory)
 
     def segment(self, tokens: Tensor, state: SegmentState, write: bool = True) -> tuple[Tensor, SegmentState]:
         """One segment. tokens (B, n) -> hidden states of the tokens (B, n, d), the state for the next one.
@@ -145,6 +152,8 @@ class RecurrentModel(nn.Module):
             return None
         if state.memory is None or not self.cfg.recurrent_memory or state.reset_memory:
             return self.memory.expand(bsz, -1, -1)
+        if self.read_memory_emb is not None:
+            return state.memory + self.read_memory_emb.to(state.memory.dtype)
         return state.memory
 
     def _mask(self, n: int, write: bool, state: SegmentState, device: torch.device) -> Tensor:

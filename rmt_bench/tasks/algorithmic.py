@@ -4,6 +4,11 @@
 Every example is `seq`, the model reads `seq[:-1]` and predicts `seq[1:]`; the loss mask marks the answer.
 Token 0 is padding, token 1 the start (or '?') token, symbols follow. All splits are drawn once, vectorised,
 from generators seeded by `data_seed` alone, so every run of a config scores on the same examples.
+
+Associative retrieval follows the official generator (booydar/LM-RMT, `experiment_utils/retrieval.py`): keys are
+distinct letters, values distinct digits while pairs <= 10 (drawn with replacement beyond, as there). Its loader
+puts the queried key before the separator (`... k4 v4 kq ? -> v`); ours puts it after (`... k4 v4 ? kq -> v`): the
+same tokens reach every segment of every split either way, so no bound or result depends on the order.
 """
 
 from __future__ import annotations
@@ -30,13 +35,18 @@ class Batch:
     inputs: Tensor
     targets: Tensor
     loss_mask: Tensor
+    pad_front: int = 0  # padding tokens in front of every row, hidden from attention (the model's initial state)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device))
+        return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device), self.pad_front)
 
     def rows(self, lo: int, hi: int) -> Batch:
         """Rows lo..hi-1: examples, or columns of a stream (one rank's shard of a global batch)."""
-        return Batch(self.inputs[lo:hi], self.targets[lo:hi], self.loss_mask[lo:hi])
+        return Batch(self.inputs[lo:hi], self.targets[lo:hi], self.loss_mask[lo:hi], self.pad_front)
+
+    def take(self, idx: Tensor) -> Batch:
+        """The rows `idx` (examples)."""
+        return Batch(self.inputs[idx], self.targets[idx], self.loss_mask[idx], self.pad_front)
 
 
 def make_sequences(cfg: TaskConfig, size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -52,7 +62,7 @@ def make_sequences(cfg: TaskConfig, size: int, gen: torch.Generator) -> tuple[Te
         return make_quadratic(size, gen)
     else:  # k1 v1 ... kP vP ? kq vq: the answer is the value of the queried key (length 2P + 2)
         keys = torch.rand(size, NUM_KEYS, generator=gen).argsort(1)[:, : cfg.num_pairs] + 2  # distinct letters
-        values = torch.randint(2 + NUM_KEYS, 2 + NUM_KEYS + NUM_VALUES, (size, cfg.num_pairs), generator=gen)
+        values = retrieval_values(size, cfg.num_pairs, gen) + 2 + NUM_KEYS
         q = torch.randint(0, cfg.num_pairs, (size, 1), generator=gen)
         pairs = torch.stack([keys, values], 2).reshape(size, -1)
         seq = torch.cat([pairs, torch.full((size, 1), START), keys.gather(1, q), values.gather(1, q)], 1)
@@ -61,7 +71,18 @@ def make_sequences(cfg: TaskConfig, size: int, gen: torch.Generator) -> tuple[Te
         seq = torch.cat([torch.full((size, cfg.pad_front), PAD), seq], 1)
     mask = torch.zeros(size, seq.shape[1] - 1, dtype=torch.bool)
     mask[:, -answer_len:] = True
+    if cfg.pad_end:  # the official uneven chunks (4 + 4 + 2): padding after the answer, out of the loss
+        seq = torch.cat([seq, torch.full((size, cfg.pad_end), PAD)], 1)
+        mask = torch.cat([mask, torch.zeros(size, cfg.pad_end, dtype=torch.bool)], 1)
     return seq, mask
+
+
+def retrieval_values(size: int, pairs: int, gen: torch.Generator) -> Tensor:
+    """(size, pairs) value indices in [0, 10): distinct digits while pairs <= 10, as the official generator
+    (`np.random.choice(range(10), K, replace=K > 10)`); with replacement beyond."""
+    if pairs <= NUM_VALUES:
+        return torch.rand(size, NUM_VALUES, generator=gen).argsort(1)[:, :pairs]
+    return torch.randint(0, NUM_VALUES, (size, pairs), generator=gen)
 
 
 class AlgorithmicTask:
@@ -70,7 +91,7 @@ class AlgorithmicTask:
 
     stream = False  # every batch starts fresh examples: no state carried between batches
 
-    def __init__(self, cfg: TaskConfig, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: TaskConfig, device: torch.device | str = "cpu", splits=("train", "valid", "test")):
         self.cfg = cfg
         self.name = cfg.name
         symbols = {"retrieval": NUM_KEYS + NUM_VALUES, "quadratic": len(ALPHABET)}.get(cfg.name, cfg.num_symbols)
@@ -81,13 +102,16 @@ class AlgorithmicTask:
         self.pad_front = cfg.pad_front  # the model hides these leading tokens from attention
         sizes = {"train": cfg.train_size, "valid": cfg.valid_size, "test": cfg.test_size}
         self.splits: dict[str, Batch] = {}
-        for split, size in sizes.items():
+        for split in splits:
+            size = sizes[split]
             gen = torch.Generator().manual_seed(cfg.data_seed * 1000 + SPLIT_SEEDS[split])
             seq, mask = make_sequences(cfg, size, gen)
+            inputs = seq[:, :-1].clone()
+            if cfg.pad_end:  # the answer is never an input: what follows it is padding too
+                inputs[:, -cfg.pad_end :] = PAD
             shape = (size, self.segments, self.segment_len)
-            self.splits[split] = Batch(seq[:, :-1].reshape(shape), seq[:, 1:].reshape(shape), mask.reshape(shape)).to(
-                torch.device(device)
-            )
+            batch = Batch(inputs.reshape(shape), seq[:, 1:].reshape(shape), mask.reshape(shape), self.pad_front)
+            self.splits[split] = batch.to(torch.device(device))
 
     def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
         """Endless shuffled epochs; the order depends on (seed, epoch) only, so a resumed run sees the same."""
@@ -99,16 +123,13 @@ class AlgorithmicTask:
             perm = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             perm = perm.to(data.inputs.device)
             for i in range(offset, per_epoch):
-                idx = perm[i * batch_size : (i + 1) * batch_size]
-                yield Batch(data.inputs[idx], data.targets[idx], data.loss_mask[idx])
+                yield data.take(perm[i * batch_size : (i + 1) * batch_size])
             epoch, offset = epoch + 1, 0
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
         data = self.splits[split]
         for i in range(0, data.inputs.shape[0], batch_size):
-            yield Batch(
-                data.inputs[i : i + batch_size], data.targets[i : i + batch_size], data.loss_mask[i : i + batch_size]
-            )
+            yield data.rows(i, i + batch_size)
 
     def carried_in(self, step: int, batch_size: int, carried: tuple) -> tuple:
         """The (state, BPTT history) a training batch starts from: fresh examples start fresh."""
@@ -127,9 +148,9 @@ class AlgorithmicTask:
             # them once, for the state they hand on (models that carry nothing skip them)
             answered = mask.flatten(2).any(2).any(0).nonzero()
             first = int(answered[0]) if len(answered) else 0
-            state = model.initial_state(reset_memory=reset_memory)
+            state = model.initial_state(reset_memory=reset_memory, pad=self.pad_front)
             with autocast():
-                if first and (model.cfg.carries_state or model.pad_front):  # its state, or its padding
+                if first and (model.cfg.carries_state or self.pad_front):  # its state, or its padding
                     _, state = model(batch.inputs[:, :first], state)
                 rest, _ = model(batch.inputs[:, first:], state)
                 preds, _ = generate_greedy(model, batch.inputs[:, first:], mask[:, first:], state)

@@ -24,6 +24,7 @@ from rmt_bench.logging import RunLogger
 from rmt_bench.models import RecurrentModel, train_segments
 from rmt_bench.tasks import Task
 from rmt_bench.train.checkpoint import load_checkpoint, rank_payload, save_checkpoint, weights_finite
+from rmt_bench.train.curriculum import Curriculum
 from rmt_bench.train.distributed import SOLO, Dist
 from rmt_bench.train.precision import resolve as resolve_precision
 
@@ -88,6 +89,9 @@ class TrainState:
     window_loss: float = 0.0
     window_steps: int = 0
     window_tokens: int = 0
+    # the curriculum's stage (trainer.curriculum) and the step at which each stage so far started
+    stage: int = 0
+    stage_starts: list = field(default_factory=lambda: [0])
 
 
 # before the budget of a `max_minutes` run is fixed: untimed steps, then timed ones (at most this share of it)
@@ -199,6 +203,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     weights = batch.loss_mask.float()
     state, history = carried
+    state = state or model.initial_state(pad=batch.pad_front)  # a fresh example starts at its padding
     norm = dist.sum(weights.sum().item())  # answer tokens of the global batch
     loss, state, history = train_segments(
         model, batch.inputs, batch.targets, weights, norm, model.cfg.bptt_depth, state, history, autocast,
@@ -250,6 +255,7 @@ class Run:
     eval_autocast: Callable = contextlib.nullcontext
     dist: Dist = SOLO  # this process's rank among torchrun's (rank 0 validates, logs, checkpoints, tests)
     signal: int = 0  # the signal that stops the run (rank 0's, on every rank)
+    curriculum: Curriculum | None = None  # the stages of the task's settings (trainer.curriculum), or none
 
     @property
     def budget(self) -> int:
@@ -296,11 +302,17 @@ def set_up(model, task, cfg, logger, seed, device, checkpoint_path, resume, run_
         )
     logger.update_config({"trainer": {"max_steps": st.budget_steps}})
     logger.start_progress(st.budget_steps, initial=st.step)
-    batches = (dist.shard(b) for b in task.train_batches(cfg.batch_size, seed, start_step=st.step))
+    curriculum = Curriculum(cfg.curriculum, task, device) if cfg.curriculum.on else None
+    if curriculum is not None:
+        logger.info(f"curriculum: {curriculum.describe()}; stage {st.stage} ({curriculum.value(st.stage)}) at step "
+                    f"{st.step}")  # fmt: skip
+        batches = curriculum.batches(st, cfg.batch_size, seed)
+    else:
+        batches = task.train_batches(cfg.batch_size, seed, start_step=st.step)
     now = time.perf_counter()
-    return Run(model, task, cfg, logger, optimizer, st, best_weights, autocast, batches, checkpoint_path, run_config,
-               carried, started=now - st.train_seconds, window_start=now, bf16=bf16, eval_bf16=eval_bf16,
-               eval_autocast=eval_autocast, dist=dist)  # fmt: skip
+    return Run(model, task, cfg, logger, optimizer, st, best_weights, autocast, (dist.shard(b) for b in batches),
+               checkpoint_path, run_config, carried, started=now - st.train_seconds, window_start=now, bf16=bf16,
+               eval_bf16=eval_bf16, eval_autocast=eval_autocast, dist=dist, curriculum=curriculum)  # fmt: skip
 
 
 def training_step(run: Run) -> str | None:
@@ -341,7 +353,7 @@ def evaluate_and_checkpoint(run: Run) -> str | None:
     if not weights_finite(run.model):  # the weights are the same on every rank: so is the answer
         st.step -= 1  # the step that made the weights non-finite
         return "non_finite_loss"
-    early_stop = False
+    early_stop, stage_log = False, {}
     if run.dist.main:
         val = evaluate(run.model, run.task, "valid", cfg.eval_batch_size, run.eval_autocast)
         if score(val) > st.best_score:
@@ -350,12 +362,32 @@ def evaluate_and_checkpoint(run: Run) -> str | None:
         if cfg.schedule == "plateau":
             plateau_step(st, cfg, val["loss"])
         early_stop = cfg.early_stop_acc is not None and val.get("acc", -1.0) >= cfg.early_stop_acc
+        if run.curriculum is not None:
+            stage_log = next_stage(run)
     st.plateau_scale, early_stop = run.dist.broadcast((st.plateau_scale, early_stop))
+    if run.curriculum is not None:
+        st.stage, st.stage_starts = run.dist.broadcast((st.stage, st.stage_starts))
     st.train_seconds = time.perf_counter() - run.started
     if run.dist.main:
-        run.logger.log({f"val/{k}": v for k, v in val.items()} | {"time/minutes": st.train_seconds / 60}, st.step)
+        logged = {f"val/{k}": v for k, v in val.items()} | stage_log | {"time/minutes": st.train_seconds / 60}
+        run.logger.log(logged, st.step)
     run.checkpoint()
     return "early_stop_acc" if early_stop else None
+
+
+def next_stage(run: Run) -> dict:
+    """The curriculum's stage validation (at the stage's own setting) and the decision to start the next stage.
+    -> what to log beside the validation: `curriculum/stage`, the key's value, the stage's accuracy."""
+    st, curriculum = run.st, run.curriculum
+    metrics = {"curriculum/stage": st.stage, f"curriculum/{curriculum.cfg.key}": curriculum.value(st.stage)}
+    if st.stage == curriculum.last:
+        return metrics
+    stage_val = evaluate(run.model, curriculum.task(st.stage), "valid", run.cfg.eval_batch_size, run.eval_autocast)
+    metrics["curriculum/stage_acc"] = stage_val["acc"]
+    if st.step < run.budget and curriculum.advance(st, stage_val["acc"]):
+        run.logger.info(f"curriculum: stage {st.stage} ({curriculum.cfg.key}={curriculum.value(st.stage)}) from step "
+                        f"{st.step} (the last stage's validation: {stage_val['acc']:.4f})")  # fmt: skip
+    return metrics
 
 
 def stop_condition(run: Run, signals: list[int]) -> str | None:
@@ -415,7 +447,15 @@ def final_test(run: Run, stop_reason: str, device: torch.device) -> dict:
         "params": sum(p.numel() for p in model.parameters()), "precision": "bf16" if run.bf16 else "fp32",
         "eval_precision": "bf16" if run.eval_bf16 else "fp32",
         "world_size": run.dist.world,
-    }  # fmt: skip
+    } | curriculum_summary(run)  # fmt: skip
+
+
+def curriculum_summary(run: Run) -> dict:
+    """What summary.json says of the curriculum: the schedule, and the step at which each stage reached began."""
+    if run.curriculum is None:
+        return {"curriculum": None}
+    starts = {str(run.curriculum.value(i)): step for i, step in enumerate(run.st.stage_starts)}
+    return {"curriculum": run.curriculum.describe(), "curriculum_stage": run.st.stage, "curriculum_starts": starts}
 
 
 def fit(
