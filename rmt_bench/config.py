@@ -2,14 +2,28 @@
 
 `cli.py` turns Hydra's DictConfig into these dataclasses; nothing below this module sees Hydra or OmegaConf.
 Every check raises `ConfigError(key, message)`, which the CLI prints as one line: `error: <key>: <message>`.
+
+One source of defaults: the base YAML files of `configs/` (`model/_base.yaml` with `backbone/_base.yaml`,
+`task/_base.yaml`, `task/_lm_base.yaml`, `trainer/_base.yaml`, `logger/_base.yaml`, the top keys of `config.yaml`).
+The dataclasses declare names, types and checks; `defaults_from` gives their fields the base files' values, so
+`ModelConfig(name="rmt", num_mem_tokens=6)` in a script is the model the command line builds by default. Each
+field carries two marks (`mark`): whether it is part of a cell's hash, and whether a resume may change it.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+import typing
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+import yaml
+
+_PACKAGED = Path(__file__).resolve().parent / "configs"  # inside an installed wheel
+CONFIG_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
 # The one mapping from a model name to its switches, MEM standing for the memory size (`mem=`): configs/model/
@@ -22,7 +36,7 @@ MODEL_SWITCHES = {
     "rmt": {"num_mem_tokens": MEM},
     "rmt_xl": {"num_mem_tokens": MEM, "mem_len": MEM},
 }
-ARCHS = ("paper", "trainable")  # backbone styles: configs/arch/*.yaml set pre_lnorm and init_std
+ARCHS = ("paper", "trainable")  # backbone styles (configs/arch/*.yaml): they decide pre_lnorm and init_std
 ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval", "quadratic")
 LM_TASKS = ("wikitext103", "enwik8")
 LEVELS = ("word", "char")
@@ -34,9 +48,29 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
-# the direction of each task's headline metric, for sweepers (configs/hydra/sweeper/tune.yaml)
-SWEEP_DIRECTION = {"copy": "maximize", "reverse": "maximize", "retrieval": "maximize", "quadratic": "maximize",
-                   "wikitext103": "minimize", "enwik8": "minimize"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What a task's evaluation reports and which way is better: `headline` is the task's main metric (the one
+    that picks the best weights, that sweepers optimise and that the summary line and the report show first);
+    `higher_is_better` covers every metric the evaluation returns (W&B keeps the best of each as a summary)."""
+
+    headline: str
+    higher_is_better: dict[str, bool]
+
+    @property
+    def direction(self) -> str:
+        """`maximize` or `minimize`, for sweepers."""
+        return "maximize" if self.higher_is_better[self.headline] else "minimize"
+
+    def score(self, metrics: dict) -> float:
+        """The headline as a value where higher is better (the best validation is the highest)."""
+        value = metrics[self.headline]
+        return value if self.higher_is_better[self.headline] else -value
+
+
+ANSWER_METRICS = {"loss": False, "acc": True, "acc_tf": True, "exact": True}  # algorithmic tasks' evaluation
 
 
 class ConfigError(ValueError):
@@ -62,6 +96,47 @@ def _in_range(key: str, value: float, low: float, high: float) -> None:
         raise ConfigError(key, f"must be in [{low}, {high}], got {value}")
 
 
+def base_values(path: str, under: str | None = None) -> dict:
+    """The plain values of a base file of `configs/` (`under`: a dotted key's mapping, e.g. `trainer`)."""
+    data = yaml.safe_load((CONFIG_DIR / path).read_text()) or {}
+    for key in under.split(".") if under else []:
+        data = data.get(key, {})
+    return {k: v for k, v in data.items() if k != "defaults"}
+
+
+def mark(hashed: bool = True, resumable: bool = False) -> Field:
+    """A config field's two marks: `hashed` (part of the cell's hash: it shapes what the run computes and is the
+    same for every seed of a cell) and `resumable` (a resume may change it: budgets, evaluation, logging, places)."""
+    return field(metadata={"hashed": hashed, "resumable": resumable})
+
+
+def defaults_from(*sources: tuple[str, str | None], only: tuple[str, ...] | None = None):
+    """Class decorator (under @dataclass): every field (or those in `only`) takes its default from the base files
+    `sources` ((path, key) pairs, merged in order). A field the files lack, or a key no field has, is a bug here."""
+
+    def wrap(cls):
+        values = {}
+        for path, under in sources:
+            values |= base_values(path, under)
+        names = [n for n in cls.__annotations__ if only is None or n in only]
+        missing, extra = set(names) - set(values), set(values) - set(names) if only is None else set()
+        if missing or extra:
+            raise TypeError(f"{cls.__name__}: fields without a base value {sorted(missing)}, keys without a field "
+                            f"{sorted(extra)} ({', '.join(p for p, _ in sources)})")  # fmt: skip
+        for name in names:
+            f = cls.__dict__.get(name)
+            f = f if isinstance(f, Field) else field()
+            value = values[name]
+            if isinstance(value, (list, dict)):
+                f.default, f.default_factory = MISSING, (lambda v=value: copy.deepcopy(v))
+            else:
+                f.default = value
+            setattr(cls, name, f)
+        return cls
+
+    return wrap
+
+
 def model_switches(name: str, mem: int) -> dict:
     """`ModelConfig` keys that make model `name` with memory size `mem` (memory tokens and / or cache length)."""
     _choice("model.name", name, MODEL_NAMES)
@@ -69,6 +144,7 @@ def model_switches(name: str, mem: int) -> dict:
 
 
 @dataclass
+@defaults_from(("backbone/_base.yaml", None), ("model/_base.yaml", None))
 class ModelConfig:
     """One backbone (a Transformer-XL-style decoder) plus the switches that make the paper's five models.
 
@@ -77,40 +153,45 @@ class ModelConfig:
     rmt_xl:  num_mem_tokens>0 and mem_len>=0 (the cache also holds memory-token states; 0 is rmt)
     """
 
-    name: str = "rmt"
+    name: str
     # the backbone style, recorded with every run: `paper` (post-LN, init 0.02, App. A) or `trainable` (pre-LN
-    # with a final norm, init sqrt(2 / (5 d_model))); the modules read only pre_lnorm and init_std
-    arch: str = "paper"
-    n_layer: int = 4
-    d_model: int = 128
-    n_head: int = 4
-    d_head: int = 64
-    d_inner: int = 256
-    dropout: float = 0.1
-    dropatt: float = 0.0
-    pre_lnorm: bool = False
-    init_std: float = 0.02
-    tie_weights: bool = False
+    # with a final norm, init sqrt(2 / (5 d_model))); the modules read only pre_lnorm and init_std, which are the
+    # style's unless set (None)
+    arch: str
+    n_layer: int
+    d_model: int
+    n_head: int
+    d_head: int
+    d_inner: int
+    dropout: float
+    dropatt: float
+    pre_lnorm: bool | None
+    init_std: float | None
+    tie_weights: bool
     # Sec. 3: memory tokens [read ; segment ; write]; the write outputs become the next read memory.
-    num_mem_tokens: int = 0
-    recurrent_memory: bool = True
+    num_mem_tokens: int
+    recurrent_memory: bool
     # a learned vector per memory slot added to the carried read memory at every segment (lucidrains'
     # recurrent-memory-transformer-pytorch `read_memory_emb`; not in the paper, off by default: docs/RESULTS.md)
-    read_memory_emb: bool = False
-    bptt_depth: int = -1  # -1: full BPTT over the example; k: gradient through k previous segments
+    read_memory_emb: bool
+    bptt_depth: int  # -1: full BPTT over the example; k: gradient through k previous segments
     # Transformer-XL cache of the previous `mem_len` hidden states per layer (detached).
-    mem_len: int = 0
-    read_mem_from_cache: bool = False
-    clamp_len: int = -1
-    same_length: bool = False
-    vocab_size: int | None = None  # None: taken from the task
+    mem_len: int
+    read_mem_from_cache: bool
+    clamp_len: int
+    same_length: bool
+    vocab_size: int | None  # None: taken from the task
     # output layer: [] = plain softmax; e.g. [20000, 40000, 200000] = adaptive softmax (WikiText-103)
-    adaptive_cutoffs: list[int] = field(default_factory=list)
-    div_val: int = 1  # adaptive softmax/input: cluster i has dimension d_model / div_val^i
+    adaptive_cutoffs: list[int]
+    div_val: int  # adaptive softmax/input: cluster i has dimension d_model / div_val^i
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
         _choice("model.arch", self.arch, ARCHS)
+        if self.pre_lnorm is None:  # the style's
+            self.pre_lnorm = self.arch == "trainable"
+        if self.init_std is None:
+            self.init_std = width_std(self.d_model) if self.arch == "trainable" else 0.02
         for key in ("n_layer", "d_model", "n_head", "d_head", "d_inner"):
             _at_least(f"model.{key}", getattr(self, key), 1)
         _in_range("model.dropout", self.dropout, 0.0, 0.99)
@@ -163,21 +244,22 @@ class ModelConfig:
 
 
 @dataclass
+@defaults_from(("task/_base.yaml", None))
 class TaskConfig:
     """An algorithmic task of the paper (Sec. 4): copy, reverse, associative retrieval, quadratic equations."""
 
-    name: str = "reverse"
-    length: int = 24  # symbols in X (copy, reverse)
-    num_symbols: int = 10  # alphabet of X; tokens 0 (pad) and 1 (start) come on top
-    num_pairs: int = 4  # key-value pairs (retrieval)
-    segments: int = 4
+    name: str
+    length: int  # symbols in X (copy, reverse)
+    num_symbols: int  # alphabet of X; tokens 0 (pad) and 1 (start) come on top
+    num_pairs: int  # key-value pairs (retrieval)
+    segments: int
     # where padding goes when the segments do not divide the sequence (retrieval): `front`, hidden from attention;
     # `end`, after the answer in the last segment (the official code's uneven chunks, e.g. 10 tokens as 4 + 4 + 2)
-    pad_side: str = "front"
-    train_size: int = 100_000
-    valid_size: int = 2_000
-    test_size: int = 10_000
-    data_seed: int = 0  # the data, valid and test sets included, depend on this seed only
+    pad_side: str
+    train_size: int
+    valid_size: int = mark(resumable=True)
+    test_size: int = mark(resumable=True)
+    data_seed: int  # the data, valid and test sets included, depend on this seed only
 
     def __post_init__(self) -> None:
         _choice("task.name", self.name, ALGORITHMIC_TASKS)
@@ -235,6 +317,13 @@ class TaskConfig:
         return self.seq_len // self.segments
 
     @property
+    def metric(self) -> MetricSpec:
+        """Greedy answer accuracy; for quadratic equations the exact match of the final answer (Table 1)."""
+        if self.name == "quadratic":
+            return MetricSpec("final_exact", ANSWER_METRICS | {"final_exact": True})
+        return MetricSpec("acc", ANSWER_METRICS)
+
+    @property
     def curriculum_keys(self) -> tuple[str, ...]:
         """The keys a curriculum may vary on this task (`trainer.curriculum.key`)."""
         return {"retrieval": ("num_pairs", "segments"), "copy": ("length", "segments"),
@@ -264,6 +353,7 @@ class TaskConfig:
 
 
 @dataclass
+@defaults_from(("trainer/_base.yaml", "trainer.curriculum"))
 class CurriculumConfig:
     """Stages of the task before its own setting (PAPER.md: the follow-up and BABILong / ARMT train memory this
     way): the stage's value of `key` (`num_pairs`, `length` or `segments`) rises through `stages`, then the task's
@@ -271,12 +361,12 @@ class CurriculumConfig:
     validation reaches `threshold` (greedy accuracy) or after `max_stage_steps`. `varying`: each batch draws
     its value uniformly from the first stage's to the current stage's."""
 
-    key: str | None = None
-    stages: list[int] = field(default_factory=list)
-    threshold: float = 0.95
-    max_stage_steps: int | None = None
-    varying: bool = False
-    valid_size: int = 1000  # examples in each stage's validation set
+    key: str | None
+    stages: list[int]
+    threshold: float
+    max_stage_steps: int | None
+    varying: bool
+    valid_size: int  # examples in each stage's validation set
 
     def __post_init__(self) -> None:
         self.stages = [int(v) for v in self.stages]
@@ -326,19 +416,28 @@ class CurriculumConfig:
 
 
 @dataclass
+@defaults_from(("task/_lm_base.yaml", None))
 class LMTaskConfig:
     """Language modelling (PAPER.md, Table 2): WikiText-103 words (ppl) or enwik8-layout characters (bpc)."""
 
-    name: str = "wikitext103"
-    level: str = "word"  # word: perplexity; char: bits per character
-    data_dir: str | None = None  # wiki.{train,valid,test}.tokens or {train,valid,test}.txt; None: `datasets`
-    cache_dir: str | None = None  # encoded corpus; None: $RMT_BENCH_CACHE or ~/.cache/rmt-bench
-    segment_len: int = 150
-    segments: int = 1  # consecutive segments per training step and column
-    eval_segment_len: int | None = None  # None: segment_len
-    eval_mem_len: int | None = None  # Transformer-XL evaluates with a longer cache; None: model.mem_len
-    max_train_tokens: int | None = None  # cut the streams (CPU-sized runs); None: all
-    max_eval_tokens: int | None = None
+    name: str
+    level: str  # word: perplexity; char: bits per character
+    # wiki.{train,valid,test}.tokens or {train,valid,test}.txt; None: `datasets`
+    data_dir: str | None = mark(hashed=False, resumable=True)
+    # the encoded corpus; None: $RMT_BENCH_CACHE or ~/.cache/rmt-bench
+    cache_dir: str | None = mark(hashed=False, resumable=True)
+    segment_len: int
+    segments: int  # consecutive segments per training step and column
+    eval_segment_len: int | None = mark(resumable=True)  # None: segment_len
+    eval_mem_len: int | None = mark(resumable=True)  # Transformer-XL evaluates with a longer cache; None: mem_len
+    max_train_tokens: int | None  # cut the streams (CPU-sized runs); None: all
+    max_eval_tokens: int | None = mark(resumable=True)
+
+    @property
+    def metric(self) -> MetricSpec:
+        """Perplexity over the whole test stream (words), or bits per character (characters)."""
+        headline = "ppl" if self.level == "word" else "bpc"
+        return MetricSpec(headline, {"loss": False, headline: False})
 
     def __post_init__(self) -> None:
         _choice("task.name", self.name, LM_TASKS)
@@ -353,31 +452,36 @@ class LMTaskConfig:
 
 
 @dataclass
+@defaults_from(("trainer/_base.yaml", "trainer"))
 class TrainerConfig:
-    device: str = "auto"
-    precision: str = "auto"  # bf16 autocast where the device has fast bf16, else fp32
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "plateau"
-    warmup_steps: int = 0
-    min_lr: float = 0.0
-    plateau_factor: float = 0.5
-    plateau_patience: int = 5  # evaluations without improvement of the validation loss
-    grad_clip: float = 0.25
-    batch_size: int = 32
-    max_steps: int = 250_000
+    """The optimisation, the budget and the evaluation; the defaults are the paper's schedule for the algorithmic
+    tasks (trainer/_base.yaml), the presets of configs/trainer/ are deltas of it."""
+
+    device: str = mark(hashed=False, resumable=True)
+    precision: str  # auto: bf16 autocast where it is measured faster (train/precision.py), else fp32
+    optimizer: str
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    schedule: str
+    warmup_steps: int
+    min_lr: float
+    plateau_factor: float
+    plateau_patience: int  # evaluations without improvement of the validation loss
+    grad_clip: float
+    batch_size: int
+    max_steps: int = mark(resumable=True)
     # a time budget: the steps that fit in it are measured once, before step 0, and become the run's step
     # budget (at most max_steps); the run is then a function of its step count, not of the clock
-    max_minutes: float | None = None
-    early_stop_acc: float | None = None  # stop once validation greedy accuracy reaches this
-    memory_reset_control: bool = False  # also test with the memory reset at every segment (test_memory_reset/*)
-    eval_every: int = 1000
-    eval_batch_size: int = 500
-    log_every: int = 50
-    num_threads: int | None = None  # torch CPU threads; None: torch's default
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    max_minutes: float | None = mark(resumable=True)
+    early_stop_acc: float | None = mark(resumable=True)  # stop once validation greedy accuracy reaches this
+    # also test with the memory reset at every segment (test_memory_reset/*)
+    memory_reset_control: bool = mark(resumable=True)
+    eval_every: int = mark(resumable=True)
+    eval_batch_size: int = mark(resumable=True)
+    log_every: int = mark(resumable=True)
+    num_threads: int | None = mark(hashed=False, resumable=True)  # torch CPU threads; None: torch's default
+    curriculum: CurriculumConfig
 
     def __post_init__(self) -> None:
         if isinstance(self.curriculum, dict):
@@ -408,16 +512,19 @@ class TrainerConfig:
 
 
 @dataclass
+@defaults_from(("logger/_base.yaml", None))
 class LoggerConfig:
-    kind: str = "wandb"
-    project: str = "rmt-bench"
-    mode: str = "offline"  # WANDB_MODE in the environment wins, as wandb itself does
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)  # added to the run's own: task, model, backbone style
-    log_checkpoint: bool = False  # the final checkpoint.pt as a W&B artifact (type model)
-    # filled by the CLI from Hydra's job info
-    group: str | None = None
-    name: str | None = None
+    """W&B (offline by default) beside the run directory's own files; nothing here changes what a run computes."""
+
+    kind: str = mark(hashed=False, resumable=True)
+    project: str = mark(hashed=False, resumable=True)
+    mode: str = mark(hashed=False, resumable=True)  # WANDB_MODE in the environment wins, as wandb itself does
+    entity: str | None = mark(hashed=False, resumable=True)
+    tags: list[str] = mark(hashed=False, resumable=True)  # added to the run's own: task, model, backbone style
+    log_checkpoint: bool = mark(hashed=False, resumable=True)  # the final checkpoint.pt as a W&B artifact
+    # the W&B group and run name; null: the CLI's (the sweep, the job's overrides)
+    group: str | None = mark(hashed=False, resumable=True)
+    name: str | None = mark(hashed=False, resumable=True)
 
     def __post_init__(self) -> None:
         _choice("logger.kind", self.kind, LOGGERS)
@@ -426,15 +533,18 @@ class LoggerConfig:
 
 
 @dataclass
+@defaults_from(("config.yaml", None), only=("seed", "mem", "resume", "scale"))
 class RunConfig:
     model: ModelConfig
     task: TaskConfig | LMTaskConfig
     trainer: TrainerConfig
     logger: LoggerConfig
-    seed: int = 0
-    mem: int = 0
-    resume: bool = False  # continue from checkpoint.pt in the run dir (set hydra.run.dir to the old run)
-    scale: str | None = None  # the benchmark scale of a suite cell (cpu | paper): a label kept in summary.json
+    seed: int = mark(hashed=False)
+    mem: int
+    # continue from checkpoint.pt in the run dir (set hydra.run.dir to the old run)
+    resume: bool = mark(hashed=False, resumable=True)
+    # the benchmark scale of a suite cell (cpu | paper): a label kept in summary.json
+    scale: str | None = mark(hashed=False, resumable=True)
 
     def __post_init__(self) -> None:
         check_mem(self.mem)
@@ -447,24 +557,43 @@ class RunConfig:
         self.trainer.curriculum.settings(self.task)  # a schedule the task cannot run is one line here
 
 
-# Keys that do not change what a run computes, or that differ between the seeds of one cell: left out of its hash.
-HASH_EXCLUDED = ("seed", "resume", "scale", "logger", "trainer.device", "trainer.num_threads", "task.data_dir",
-                 "task.cache_dir")  # fmt: skip
+def marked_keys(mark_name: str, value: bool, cls=None, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of the run config whose mark `mark_name` (hashed / resumable) is `value`, over every config
+    class a section may hold (the task: TaskConfig or LMTaskConfig)."""
+    cls = cls or RunConfig
+    hints, out = typing.get_type_hints(cls), []
+    for f in fields(cls):
+        kinds = [k for k in typing.get_args(hints[f.name]) or (hints[f.name],) if is_dataclass(k)]
+        if kinds:
+            out += [key for kind in kinds for key in marked_keys(mark_name, value, kind, f"{prefix}{f.name}.")]
+        elif f.metadata.get(mark_name, mark_name == "hashed") == value:
+            out.append(prefix + f.name)
+    return tuple(dict.fromkeys(out))
 
 
 def config_hash(cfg: RunConfig) -> str:
     """12 hex digits naming the cell's configuration: equal for the seeds of one cell, different when any key
     that shapes the run (model, backbone, task, schedule, budget, evaluation) differs. summary.json keeps it and
-    rmt-bench-report pools only runs that share it."""
+    rmt-bench-report pools only runs that share it. Keys marked `hashed=False` are left out."""
     data = asdict(cfg)
-    for key in HASH_EXCLUDED:
+    for key in marked_keys("hashed", False):
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
-            node = node[part]
+            node = node.get(part, {})
         node.pop(leaf, None)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def task_config_class(name: str):
+    """The config class of task `name` (algorithmic or language modelling)."""
+    return LMTaskConfig if name in LM_TASKS else TaskConfig
+
+
+def width_std(d_model) -> float:
+    """The `trainable` style's init std, sqrt(2 / (5 d_model)) (SmallInit, Nguyen & Salazar 2019)."""
+    return round((2 / (5 * float(d_model))) ** 0.5, 6) if float(d_model) >= 1 else 0.02
 
 
 def check_mem(mem) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rmt_bench.config import LoggerConfig
+from rmt_bench.config import LoggerConfig, MetricSpec
 from rmt_bench.net import reachable
 
 METRICS_FILE = "metrics.jsonl"
@@ -30,8 +30,11 @@ def _plain(value):
 
 
 class RunLogger:
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, resume: bool = False):
-        self.cfg = cfg
+    def __init__(
+        self, cfg: LoggerConfig, run_dir: Path, config: dict, resume: bool = False, metric: MetricSpec | None = None
+    ):
+        """`metric`: the task's metrics and their directions (W&B keeps the best of each validation metric)."""
+        self.cfg, self.metric = cfg, metric
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
@@ -77,10 +80,8 @@ class RunLogger:
                 settings=wandb.Settings(console="wrap", silent=True),
             )
             id_file.write_text(self.wandb.id)
-            for key in ("acc", "acc_tf", "exact", "final_exact"):
-                self.wandb.define_metric(f"val/{key}", summary="max")
-            for key in ("loss", "ppl", "bpc"):
-                self.wandb.define_metric(f"val/{key}", summary="min")
+            for key, higher in self.metric.higher_is_better.items() if self.metric else ():
+                self.wandb.define_metric(f"val/{key}", summary="max" if higher else "min")
         except Exception as exc:  # offline W&B needs no network; anything else is reported, not fatal
             self._wandb_failed("start", exc)
 

@@ -76,7 +76,10 @@ def table(bench_dir: Path, scale: str) -> tuple[str, list[dict]]:
     rows = collect(bench_dir, data, scale)
     runs = [r for row in rows for r in row["runs"]]
     seen = {key: sorted({str(r.get(key)) for r in runs}) for key in ("arch", "precision")}
-    better = "higher" if data.get("higher_is_better", True) else "lower"
+    # the direction: the benchmark file's, else the one the runs recorded (the task's MetricSpec)
+    recorded = {r["higher_is_better"] for r in runs if "higher_is_better" in r}
+    higher = data.get("higher_is_better", recorded.pop() if len(recorded) == 1 else True)
+    better = "higher" if higher else "lower"
     lines = [
         f"### {data.get('title', bench_dir.name)} ({scale} scale)",
         "",

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
-    from rmt_bench.cli import exit_if_failed, invalid_jobs  # Hydra composes the configs, in cli.py
+    from rmt_bench.failures import exit_if_failed
+    from rmt_bench.overrides import invalid_jobs  # Hydra composes the configs, at the command-line edge
 
     bad = invalid_jobs([(c.overrides + [f"seed={c.seed}"], f"{c.name} seed {c.seed}") for c in todo])
     if bad:

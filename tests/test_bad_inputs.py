@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, run_cli
+from tests.helpers import ROOT, TINY, run_cli
 
 TABLE = ROOT / "docs" / "BAD_INPUTS.md"
 LM_BASE = ["backbone=tiny", "logger=none", "trainer.max_steps=4", "trainer.precision=fp32"]

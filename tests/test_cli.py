@@ -12,13 +12,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from rmt_bench.cli import CHECKPOINT_FILE, CONFIG_DIR, run, to_run_config
-from rmt_bench.config import MODEL_SWITCHES, ModelConfig, model_switches
+from rmt_bench.cli import to_run_config
+from rmt_bench.config import CONFIG_DIR, MODEL_SWITCHES, ModelConfig, model_switches
+from rmt_bench.job import CHECKPOINT_FILE, run
 from rmt_bench.models import build_model
 from rmt_bench.tasks import build_task
 from rmt_bench.train.checkpoint import read_checkpoint
 from rmt_bench.train.loop import autocast_factory, evaluate
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, compose_cfg, run_cli
 
 GROUPS = ("task", "model", "backbone", "arch", "trainer", "logger")
 
@@ -29,19 +30,13 @@ def options(group: str) -> list[str]:
     )  # _base: not a choice
 
 
-def compose_cfg(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 LM_TASKS = ("wikitext103", "enwik8")
 
 
 def small_task(task: str, tmp_path: Path) -> list[str]:
     """Overrides that make `task` tiny: small splits, or a small corpus written for the LM tasks."""
     if task in LM_TASKS:
-        from tests.test_wikitext import write_wikitext
+        from tests.helpers import write_wikitext
 
         data = write_wikitext(tmp_path / "wt", lines_per_split=(60, 12, 12))
         return [
@@ -83,19 +78,20 @@ def test_every_other_config_composes(group):
         assert cfg is not None
 
 
-@pytest.mark.parametrize("group", ["backbone", "model", "trainer"])
+@pytest.mark.parametrize("group", ["backbone", "model", "trainer", "task", "logger"])
 def test_presets_are_deltas_of_one_base_file(group):
     """Every preset of the group starts from its `_base.yaml` (directly or through another preset) and sets only
     keys that the base has: a full copy, or a key the base lacks, fails here."""
     import yaml
 
     folder = Path(CONFIG_DIR) / group
-    base = yaml.safe_load((folder / "_base.yaml").read_text())
-    base = base.get(group, base)  # trainer/_base.yaml is `_global_`: its keys sit under `trainer:`
+    bases = {p.stem: yaml.safe_load(p.read_text()) for p in folder.glob("_*base.yaml")}  # task: _base, _lm_base
     for option in options(group):
         data = yaml.safe_load((folder / f"{option}.yaml").read_text()) or {}
         parents = [d for d in data.get("defaults", []) if isinstance(d, str) and d != "_self_"]
-        assert parents and all(p == "_base" or p in options(group) for p in parents), option
+        assert parents and all(p in bases or p in options(group) for p in parents), option
+        base = bases[next(p for p in parents if p in bases)] if any(p in bases for p in parents) else bases["_base"]
+        base = base.get(group, base)  # trainer/_base.yaml is `_global_`: its keys sit under `trainer:`
         own = data.get(group, data) if group == "trainer" else data
         keys = set(own) - {"defaults", "model"}
         assert keys <= set(base), (option, keys - set(base))
@@ -276,7 +272,9 @@ def test_wandb_run_has_tags_group_job_type_choices_and_best_summaries(tmp_path):
     config = {u.key: json.loads(u.value_json) for u in run_record.config.update}
     assert config["choices"]["model"] == "xl" and config["choices"]["backbone"] == "tiny"
     summaries = {r.metric.name: r.metric.summary for r in records if r.WhichOneof("record_type") == "metric"}
-    assert summaries["val/acc"].max and summaries["val/loss"].min and summaries["val/ppl"].min
+    # the task's MetricSpec: every metric of its evaluation, each kept at its best (and nothing else)
+    directions = {name: ("max" if s.max else "min" if s.min else "") for name, s in summaries.items()}
+    assert directions == {"val/loss": "min", "val/acc": "max", "val/acc_tf": "max", "val/exact": "max"}
     logged = {(r.history.step.num, "/".join(i.nested_key) or i.key): json.loads(i.value_json)
               for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item}  # fmt: skip
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -394,7 +392,7 @@ def test_the_optuna_sweeper_tunes_on_the_best_validation_value_in_the_tasks_dire
     vals = [json.loads(p.read_text())["val/best_acc"] for p in sweep.glob("*/summary.json")]
     assert len(vals) == 2 and best == max(vals)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for task, direction in (("reverse", "maximize"), ("quadratic", "maximize"), ("wikitext103", "minimize")):
             cfg = compose("config", [f"task={task}", "hydra/sweeper=tune"], return_hydra_config=True)
             assert cfg.hydra.sweeper.direction == direction

@@ -13,8 +13,7 @@ from rmt_bench.config import ConfigError, CurriculumConfig, LMTaskConfig
 from rmt_bench.tasks import build_task
 from rmt_bench.train.curriculum import Curriculum
 from rmt_bench.train.loop import TrainState
-from tests.conftest import TINY, run_cli, tiny_task
-from tests.test_resume import assert_same_run, interrupted_then_resumed
+from tests.helpers import TINY, assert_same_run, interrupted_then_resumed, run_cli, tiny_task
 
 
 def test_stages_vary_the_key_and_the_segment_length_follows():
@@ -134,9 +133,9 @@ def test_a_stage_with_padding_hides_it_although_the_final_setting_has_none():
     """The model is built for the task's own setting (2 segments: no padding); a stage of 1 pair in 3 segments pads 2
     tokens in front. The training step starts from the batch's padding: the padding tokens change no loss."""
     from rmt_bench.config import TrainerConfig
-    from rmt_bench.models import build_model
+    from rmt_bench.models import StreamState, build_model
     from rmt_bench.train.loop import autocast_factory, train_step
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
 
     final = build_task(tiny_task("retrieval", segments=3, num_pairs=4))
     cur = Curriculum(CurriculumConfig(key="num_pairs", stages=[1]), final)
@@ -147,6 +146,7 @@ def test_a_stage_with_padding_hides_it_although_the_final_setting_has_none():
     other = batch.take(torch.arange(8))
     other.inputs = other.inputs.clone()
     other.inputs[:, 0, :2] = torch.randint(2, final.vocab_size, (8, 2))
-    args = (TrainerConfig(), (None, []), autocast_factory(torch.device("cpu"), False), False)
-    loss, _ = train_step(model, opt, batch, *args)
-    assert loss == pytest.approx(train_step(model, opt, other, *args)[0], abs=1e-6)
+    args = dict(model=model, optimizer=opt, cfg=TrainerConfig(), carried=StreamState(), keep_final_state=False,
+                autocast=autocast_factory(torch.device("cpu"), False))  # fmt: skip
+    loss, _ = train_step(batch=batch, **args)
+    assert loss == pytest.approx(train_step(batch=other, **args)[0], abs=1e-6)

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import ROOT, TINY, run_cli
-from tests.test_resume import TIMING, lm_args
+from tests.helpers import ROOT, TIMING, TINY, lm_args, run_cli
 
 ALGORITHMIC = [
     *[a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.eval_every", "trainer.log_every"))],

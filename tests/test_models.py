@@ -9,13 +9,7 @@ from torch.testing import assert_close
 from rmt_bench.models import SegmentState, build_model, generate_greedy, train_segments
 from rmt_bench.models.layers import RelMultiHeadAttention, SinusoidalDistances, gather_relative, relative_distances
 from rmt_bench.models.recurrence import attention_mask
-from tests.conftest import tiny_model
-
-VOCAB = 12
-
-
-def tokens(b=3, s=3, n=5, seed=1):
-    return torch.randint(2, VOCAB, (b, s, n), generator=torch.Generator().manual_seed(seed))
+from tests.helpers import VOCAB, copy_weights, tiny_model, tokens
 
 
 @pytest.mark.parametrize(("q", "k"), [(5, 9), (5, 5), (1, 1), (1, 4), (2, 2)])
@@ -88,12 +82,6 @@ def test_attention_mask_follows_the_paper():
     assert allowed[tok, read].all() and not allowed[tok, write].any()
     assert torch.equal(allowed[tok, tok], torch.ones(n, n, dtype=torch.bool).tril())
     assert allowed[write].all()
-
-
-def copy_weights(src, dst):
-    state = {k: v for k, v in src.state_dict().items() if k != "memory"}
-    missing, unexpected = dst.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"memory"}
 
 
 def test_rmt_with_zero_memory_tokens_equals_vanilla():

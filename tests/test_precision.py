@@ -14,7 +14,7 @@ from rmt_bench.models import build_model
 from rmt_bench.tasks import build_task
 from rmt_bench.train import precision
 from rmt_bench.train.loop import evaluate, fit
-from tests.conftest import tiny_model, tiny_task
+from tests.helpers import tiny_model, tiny_task
 
 CPU = torch.device("cpu")
 

@@ -6,86 +6,13 @@ themselves and refuse a resume with another trajectory; a non-finite loss stops 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, run_cli
-
-TIMING = ("train/tokens_per_s", "time/minutes")  # wall-clock values: the only ones a resume may change
-ALGORITHMIC = [
-    *[a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.eval_every", "trainer.log_every"))],
-    "model.dropout=0.1", "trainer.schedule=cosine", "trainer.max_minutes=null", "trainer.max_steps=100",
-    "trainer.eval_every=20", "trainer.log_every=5", "task.train_size=256", "trainer.num_threads=1",
-]  # fmt: skip
-
-
-def lm_args(tmp_path: Path) -> list[str]:
-    from tests.test_wikitext import write_wikitext
-
-    data = write_wikitext(tmp_path / "wt", lines_per_split=(600, 40, 40))
-    return [
-        "task=wikitext103", f"task.data_dir={data}", f"task.cache_dir={tmp_path}/cache", "model=rmt_xl", "mem=2",
-        "model.mem_len=8", "model.bptt_depth=2", "model.dropout=0.1", "backbone=tiny", "trainer=lm_cpu",
-        "trainer.max_minutes=null", "trainer.max_steps=80", "trainer.eval_every=20", "trainer.log_every=5",
-        "trainer.num_threads=1",
-        "task.segment_len=8", "task.segments=2", "trainer.batch_size=4", "trainer.precision=fp32", "logger=none",
-    ]  # fmt: skip
-
-
-def start(args: list[str], run_dir: Path, cwd: Path) -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "rmt_bench.cli", *args, f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def records(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def logged_past_the_checkpoint(run_dir: Path) -> bool:
-    """A metrics record after the first checkpoint's step (eval_every = 20): a resume must not log it twice."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()[:-1]  # the last line may be half-written
-    return any(json.loads(line)["step"] > 20 for line in lines)
-
-
-def interrupted_then_resumed(args: list[str], tmp_path: Path, sig: int) -> tuple[Path, int, int, str]:
-    """Starts the run, sends `sig` once its first checkpoint exists (SIGKILL: once it has also logged past it;
-    at whatever step it has then reached), then resumes it to the end -> (run dir, the step the checkpoint had,
-    the interrupted run's exit status and stderr)."""
-    run_dir = tmp_path / "split"
-    proc = start(args, run_dir, tmp_path)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoint.pt").exists() or (
-        sig == signal.SIGKILL and not logged_past_the_checkpoint(run_dir)
-    ):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
-    assert not (run_dir / "summary.json").exists(), "the run ended before the signal: nothing was resumed"
-    step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["train_state"]["step"]
-    res = run_cli(*args, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert f"resumed from {run_dir / 'checkpoint.pt'} at step {step}" in res.stderr
-    return run_dir, step, proc.returncode, stderr
-
-
-def assert_same_run(full: Path, split: Path) -> None:
-    """Every logged record once and equal (losses, lr, validation), the same best step and final metrics."""
-    assert records(split) == records(full)
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (full, split))
-    assert {k: v for k, v in a.items() if k.startswith(("test/", "val/best")) or k in ("best_step", "steps")} == {
-        k: v for k, v in b.items() if k.startswith(("test/", "val/best")) or k in ("best_step", "steps")
-    }
+from tests.helpers import ALGORITHMIC, TINY, assert_same_run, interrupted_then_resumed, lm_args, run_cli
 
 
 @pytest.mark.parametrize("kind", ["algorithmic", "lm"])
@@ -157,17 +84,38 @@ def test_a_non_finite_loss_stops_the_run_in_one_line_and_keeps_the_last_checkpoi
 def test_a_diverged_model_never_overwrites_the_last_checkpoint(tmp_path):
     from rmt_bench.errors import CheckpointError
     from rmt_bench.models import build_model
-    from rmt_bench.train.checkpoint import save_checkpoint
-    from rmt_bench.train.loop import TrainState
-    from tests.conftest import tiny_model
+    from rmt_bench.train.checkpoint import Value, save_checkpoint
+    from tests.helpers import tiny_model
 
     model = build_model(tiny_model("rmt"), 12)
     optimizer = torch.optim.Adam(model.parameters())
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, model, optimizer, TrainState(step=5))
+    save_checkpoint(path, {"model": model, "optimizer": optimizer, "train_state": Value(lambda: {"step": 5}, None)})
     good = path.read_bytes()
     with torch.no_grad():
         next(model.parameters())[0] = float("nan")
     with pytest.raises(CheckpointError, match="not finite"):
-        save_checkpoint(path, model, optimizer, TrainState(step=10))
+        save_checkpoint(
+            path, {"model": model, "optimizer": optimizer, "train_state": Value(lambda: {"step": 10}, None)}
+        )
     assert path.read_bytes() == good
+
+
+def test_a_format_2_checkpoint_loads_and_an_unknown_format_is_one_line(tmp_path):
+    """The parts keep the names of format 2's fields, so a format-2 file resumes; a format this version does not
+    know is refused with one line naming it."""
+    run_dir = tmp_path / "run"
+    args = [*ALGORITHMIC, "trainer.max_steps=40"]
+    assert run_cli(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path).returncode == 0
+    path = run_dir / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == 3
+    payload["format"] = 2
+    torch.save(payload, path)
+    res = run_cli(*ALGORITHMIC, "trainer.max_steps=60", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert res.returncode == 0 and "resumed from" in res.stderr, res.stderr
+    payload["format"] = 99
+    torch.save(payload, path)
+    res = run_cli(*ALGORITHMIC, "trainer.max_steps=80", "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "has checkpoint format 99" in lines[0], res.stderr

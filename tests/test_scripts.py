@@ -9,8 +9,7 @@ import zipfile
 
 from rmt_bench.config import LMTaskConfig
 from rmt_bench.tasks.wikitext import load_corpus
-from tests.conftest import ROOT
-from tests.test_wikitext import write_wikitext
+from tests.helpers import ROOT, write_wikitext
 
 
 def prepare(*args):
@@ -81,7 +80,7 @@ def test_wheel_ships_the_configs_and_runs_from_elsewhere(tmp_path):
         "mem_len: 9" in res.stdout
         and str(target)
         in subprocess.run(
-            [sys.executable, "-c", "import rmt_bench.cli as c; print(c.CONFIG_DIR)"],
+            [sys.executable, "-c", "import rmt_bench.config as c; print(c.CONFIG_DIR)"],
             cwd=elsewhere,
             text=True,
             capture_output=True,

@@ -14,8 +14,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from rmt_bench import suite
-from rmt_bench.cli import CONFIG_DIR, invalid_jobs
-from tests.conftest import ROOT, TINY
+from rmt_bench.config import CONFIG_DIR
+from rmt_bench.overrides import invalid_jobs
+from tests.helpers import ROOT, TINY
 
 
 @pytest.mark.parametrize("name", suite.available())
@@ -48,7 +49,7 @@ def test_the_lm_tables_hold_the_papers_numbers_and_say_the_cpu_scale_is_a_smoke_
 
 
 def test_experiment_configs_set_the_papers_setting_and_the_command_line_wins():
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=long_copy_segment120", "model=rmt"])
         assert (cfg.task.name, cfg.task.length, cfg.task.segments, cfg.mem) == ("copy", 120, 3, 60)
         assert cfg.model.num_mem_tokens == 60 and cfg.model.n_layer == 4  # the copy backbone, through ${task}
@@ -204,7 +205,7 @@ def test_summary_hash_pools_seeds_of_one_config_and_the_report_splits_the_rest(t
 
 
 def test_an_lm_table_runs_as_a_smoke_run_on_given_data_and_reports_perplexity(tmp_path):
-    from tests.test_wikitext import write_wikitext
+    from tests.helpers import write_wikitext
 
     data = write_wikitext(tmp_path / "wt")
     tiny = [f"task.data_dir={data}", f"task.cache_dir={tmp_path / 'cache'}", "model.adaptive_cutoffs=[]",

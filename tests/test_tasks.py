@@ -7,7 +7,7 @@ import torch
 
 from rmt_bench.tasks import build_task
 from rmt_bench.tasks.algorithmic import START
-from tests.conftest import tiny_task
+from tests.helpers import tiny_task
 
 
 def full_sequences(task, split):

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from rmt_bench.cli import run, to_run_config
+from rmt_bench.cli import to_run_config
+from rmt_bench.job import run
 from rmt_bench.logging import RunLogger
 from rmt_bench.models import build_model
 from rmt_bench.tasks import build_task
 from rmt_bench.train.loop import evaluate, fit, lr_factor
-from tests.conftest import TINY, run_cli, tiny_model, tiny_task
-from tests.test_cli import compose_cfg
+from tests.helpers import TINY, compose_cfg, run_cli, tiny_model, tiny_task
 
 
 def train_tiny_reverse(tmp_path, seed: int, **trainer_kw):

@@ -7,8 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from rmt_bench.models import SegmentState, build_model, train_segments
-from tests.conftest import tiny_model
-from tests.test_models import VOCAB, copy_weights, tokens
+from tests.helpers import VOCAB, copy_weights, tiny_model, tokens
 
 
 def window_mask(total: int, seg: int, mem_len: int, same_length: bool) -> torch.Tensor:

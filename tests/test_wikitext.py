@@ -17,69 +17,7 @@ from rmt_bench.models.heads import AdaptiveSoftmaxHead, build_embedding_and_head
 from rmt_bench.tasks import build_task
 from rmt_bench.tasks.wikitext import EOS, load_corpus
 from rmt_bench.train.loop import evaluate
-from tests.conftest import run_cli, tiny_model
-
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "in",
-    "to",
-    "a",
-    "was",
-    "is",
-    "for",
-    "on",
-    "as",
-    "by",
-    "with",
-    "he",
-    "at",
-    "from",
-    "his",
-    "that",
-    "it",
-    "an",
-    "were",
-    "are",
-    "which",
-    "this",
-    "be",
-    "game",
-    "season",
-    "film",
-    "album",
-    "song",
-    "series",
-    "team",
-    "city",
-    "river",
-    "war",
-    "army",
-    "first",
-    "new",
-    "two",
-    "one",
-    "@-@",
-    "@,@",
-    "<unk>",
-]
-
-
-def write_wikitext(folder: Path, lines_per_split=(400, 60, 60), seed=0, names="wiki.{}.tokens") -> Path:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in zip(("train", "valid", "test"), lines_per_split):
-        lines = []
-        for i in range(n):
-            if i % 20 == 0:
-                lines += ["", f" = Heading {i // 20} = ", ""]
-            words = rng.choice(WORDS, size=rng.integers(3, 25))
-            lines.append(" " + " ".join(words) + " . ")
-        if split != "train":
-            lines.append(" a validword only here . ".replace("validword", "<unk>"))
-        (folder / names.format(split)).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+from tests.helpers import run_cli, tiny_model, write_wikitext
 
 
 def lm_cfg(tmp_path: Path, **kw) -> LMTaskConfig:
@@ -236,7 +174,7 @@ def test_adaptive_softmax_is_a_distribution_and_ties_weights():
 
 def test_paper_base_model_has_about_151m_parameters():
     from rmt_bench.cli import to_run_config
-    from tests.test_cli import compose_cfg
+    from tests.helpers import compose_cfg
 
     cfg = to_run_config(compose_cfg(["task=wikitext103", "model=xl", "mem=150"]))
     model = build_model(cfg.model, 267_735)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from rmt_bench.config import ConfigError, ModelConfig
-from rmt_bench.models.recurrence import RecurrentModel, SegmentState, generate_greedy, train_segments
+from rmt_bench.models.recurrence import RecurrentModel, SegmentState, StreamState, generate_greedy, train_segments
 
-__all__ = ["RecurrentModel", "SegmentState", "build_model", "generate_greedy", "train_segments"]
+__all__ = ["RecurrentModel", "SegmentState", "StreamState", "build_model", "generate_greedy", "train_segments"]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, pad_front: int = 0) -> RecurrentModel:

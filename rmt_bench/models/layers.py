@@ -14,9 +14,9 @@ from torch import Tensor, nn
 class Dropout(nn.Module):
     """nn.Dropout, with a faster mask on CPU: 16 random bits per element, drawn 64 at a time.
 
-    torch's CPU bernoulli draws one Mersenne-Twister number per element and took a third of a training step
-    here; four 16-bit lanes of one 64-bit draw make the same mask (drop probability round(p * 2^16) / 2^16)
-    at a quarter of the draws. On CUDA this is plain F.dropout.
+    torch's CPU bernoulli draws one Mersenne-Twister number per element (docs/PERFORMANCE.md: its share of a
+    training step); four 16-bit lanes of one 64-bit draw make the same mask (drop probability round(p * 2^16) /
+    2^16) at a quarter of the draws. On CUDA this is plain F.dropout.
     """
 
     def __init__(self, p: float):

@@ -46,6 +46,16 @@ class SegmentState:
         return dataclasses.replace(self, memory=None if self.memory is None else self.memory.detach())
 
 
+@dataclass
+class StreamState:
+    """What one training batch hands to the next on a stream (language modelling): the state after its last
+    segment and the BPTT history (the last `bptt_depth` segments' tokens with the state before each), from which
+    the next batch's first segments recompute their gradient path. Fresh examples start from an empty one."""
+
+    state: SegmentState | None = None
+    history: list[tuple[Tensor, SegmentState]] = dataclasses.field(default_factory=list)
+
+
 @lru_cache(maxsize=64)
 def attention_mask(
     n: int,
@@ -258,6 +268,7 @@ def train_segments(
     history: list[tuple[Tensor, SegmentState]] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     final_state: bool = True,
+    pad: int | None = None,
 ) -> tuple[float, SegmentState, list[tuple[Tensor, SegmentState]]]:
     """Teacher-forced forward and backward over one batch's segments; returns (loss, state, history).
 
@@ -267,9 +278,10 @@ def train_segments(
     it reaches into earlier batches), never from the latest memory. -1 is one graph over the batch's
     segments (full BPTT over an example); a state carried in from an earlier batch is then detached.
     final_state=False (batches of fresh examples: nothing is carried to the next batch) spares the last
-    segment's write block in one-graph training.
+    segment's write block in one-graph training. `pad`: the front padding of fresh sequences (state None), if it
+    is not the model's own (a curriculum stage of another length).
     """
-    state, history = state or model.initial_state(), list(history or [])
+    state, history = state or model.initial_state(pad=pad), list(history or [])
     n_seg = inputs.shape[1]
     recurrent = model.cfg.num_mem_tokens > 0 and model.cfg.recurrent_memory  # the XL cache carries no gradient
     if bptt_depth < 0 or not recurrent:

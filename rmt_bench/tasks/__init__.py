@@ -10,7 +10,8 @@ from typing import Protocol
 
 import torch
 
-from rmt_bench.config import LMTaskConfig, TaskConfig
+from rmt_bench.config import LMTaskConfig, MetricSpec, TaskConfig
+from rmt_bench.models import StreamState
 from rmt_bench.tasks.algorithmic import AlgorithmicTask, Batch
 
 __all__ = ["AlgorithmicTask", "Batch", "Task", "build_task"]
@@ -23,6 +24,7 @@ class Task(Protocol):
     segment_len: int  # n
     pad_front: int  # leading padding tokens of every sequence, hidden from attention (retrieval in 3 / 4)
     stream: bool  # whether a batch's final state goes on to the next batch (language modelling)
+    metric: MetricSpec  # the headline metric of `evaluate` and which way every metric is better
 
     def train_batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
         """Endless training batches (B, S, n); from `start_step` on, the same as an uninterrupted run's."""
@@ -30,8 +32,8 @@ class Task(Protocol):
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
         """One pass over `split` (valid or test)."""
 
-    def carried_in(self, step: int, batch_size: int, carried: tuple) -> tuple:
-        """The (state, BPTT history) training step `step` starts from, given the one the last step left."""
+    def carried_in(self, step: int, batch_size: int, carried: StreamState) -> StreamState:
+        """The stream state training step `step` starts from, given the one the last step left."""
 
     def evaluate(self, model, split: str, batch_size: int, autocast, reset_memory: bool = False) -> dict:
         """The split's metrics (no gradients; the caller puts the model in eval mode)."""

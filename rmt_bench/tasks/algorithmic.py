@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from rmt_bench.config import TaskConfig
-from rmt_bench.models import RecurrentModel, generate_greedy
+from rmt_bench.models import RecurrentModel, StreamState, generate_greedy
 from rmt_bench.tasks.quadratic import ALPHABET, STEP_CHARS, make_quadratic
 
 PAD, START = 0, 1
@@ -94,6 +94,7 @@ class AlgorithmicTask:
     def __init__(self, cfg: TaskConfig, device: torch.device | str = "cpu", splits=("train", "valid", "test")):
         self.cfg = cfg
         self.name = cfg.name
+        self.metric = cfg.metric  # greedy answer accuracy (quadratic: the final answer's exact match)
         symbols = {"retrieval": NUM_KEYS + NUM_VALUES, "quadratic": len(ALPHABET)}.get(cfg.name, cfg.num_symbols)
         self.vocab_size = 2 + symbols
         # the final answer: the last `final_len` targets (quadratic: step 6), scored as `final_exact`
@@ -131,9 +132,9 @@ class AlgorithmicTask:
         for i in range(0, data.inputs.shape[0], batch_size):
             yield data.rows(i, i + batch_size)
 
-    def carried_in(self, step: int, batch_size: int, carried: tuple) -> tuple:
-        """The (state, BPTT history) a training batch starts from: fresh examples start fresh."""
-        return None, []
+    def carried_in(self, step: int, batch_size: int, carried: StreamState) -> StreamState:
+        """The stream state a training batch starts from: fresh examples start fresh."""
+        return StreamState()
 
     @torch.no_grad()
     def evaluate(self, model: RecurrentModel, split: str, batch_size: int, autocast, reset_memory: bool = False):

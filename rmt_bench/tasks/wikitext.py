@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from rmt_bench.config import ConfigError, LMTaskConfig
-from rmt_bench.models import RecurrentModel
+from rmt_bench.models import RecurrentModel, StreamState
 from rmt_bench.net import reachable
 from rmt_bench.tasks.algorithmic import Batch
 
@@ -178,6 +178,7 @@ class LMTask:
     def __init__(self, cfg: LMTaskConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.name = cfg.name
+        self.metric = cfg.metric  # perplexity or bits per character, lower is better
         self.device = torch.device(device)
         self.vocab, self.data = load_corpus(cfg)
         self.vocab_size = len(self.vocab)
@@ -226,9 +227,9 @@ class LMTask:
         for i in range(0, cols.shape[1] - 1, n):
             yield self._batch(cols, i, 1, min(n, cols.shape[1] - 1 - i))
 
-    def carried_in(self, step: int, batch_size: int, carried: tuple) -> tuple:
-        """The (state, BPTT history) a training batch starts from: the previous batch's, reset at each epoch."""
-        return (None, []) if step % self.steps_per_epoch(batch_size) == 0 else carried
+    def carried_in(self, step: int, batch_size: int, carried: StreamState) -> StreamState:
+        """The stream state a training batch starts from: the previous batch's, reset at each epoch."""
+        return StreamState() if step % self.steps_per_epoch(batch_size) == 0 else carried
 
     @torch.no_grad()
     def evaluate(self, model: RecurrentModel, split: str, batch_size: int, autocast, reset_memory: bool = False):

@@ -1,20 +1,17 @@
 """`trainer.precision=auto`: bf16 autocast where it is faster than fp32, decided by a measurement, for training
 and for evaluation apart.
 
-On a CPU the answer depends on the matrix units, the size of the model and the overhead of the casts (on 2 cores
-of a Xeon whose AMX torch uses, a bf16-autocast training step of the paper's reverse model is 1.43x faster than
-fp32; on a host reporting the same CPU model without usable AMX it was 1.45x slower), so no flag decides it: the
-first run on a machine times a training step of a paper-sized rmt in both precisions (a few seconds) and caches
-the answer, keyed by the CPU, the torch version and the thread count, in `$RMT_BENCH_CACHE` (default
-`~/.cache/rmt-bench`)/precision.json. Delete the file to measure again. On CUDA, auto is bf16 where the device
-supports it.
+On a CPU the answer depends on the matrix units, the size of the model and the overhead of the casts, and CPUs that
+report the same model name differ (docs/PERFORMANCE.md has the figures), so no flag decides it: the first run on a
+machine times a training step of a paper-sized rmt in both precisions (a few seconds) and caches the answer, keyed
+by the CPU, the torch version and the thread count, in `$RMT_BENCH_CACHE` (default `~/.cache/rmt-bench`)/
+precision.json. Delete the file to measure again. On CUDA, auto is bf16 where the device supports it.
 
-Evaluation is decided by its own measurement: greedy decoding runs one query position at a time against large
-batches of cached keys and values, which is bound by memory traffic and the casts rather than by matrix units
-(on one 2-core Xeon session a training step was 1.59x faster in bf16 while 500 greedy quadratic answers took
-41 s in bf16 and 27 s in fp32; on another both were faster in bf16): the probe times the greedy decoding of a
-batch of the reverse rmt's examples in both precisions. The weights are fp32 either way (autocast casts on the
-fly), so evaluating in fp32 a model trained in bf16 autocast is the exact function, not an approximation of it.
+Evaluation is decided by its own measurement, because greedy decoding runs one query position at a time against
+large batches of cached keys and values: it is bound by memory traffic and the casts rather than by matrix units,
+so it can be slower in bf16 where training is faster. The probe times the greedy decoding of a batch of the reverse
+rmt's examples in both precisions. The weights are fp32 either way (autocast casts on the fly), so evaluating in
+fp32 a model trained in bf16 autocast is the exact function, not an approximation of it.
 """
 
 from __future__ import annotations
