@@ -21,12 +21,9 @@ from rmt_bench import failures, overrides
 from rmt_bench.config import (
     CONFIG_DIR,
     ConfigError,
-    LoggerConfig,
-    ModelConfig,
     RunConfig,
-    TrainerConfig,
-    check_mem,
     from_dict,
+    run_config_from_dict,
     task_config_class,
 )
 from rmt_bench.errors import CheckpointError, RunStopped
@@ -54,13 +51,7 @@ OmegaConf.register_new_resolver("sweep_direction", sweep_direction, replace=True
 
 def to_run_config(dcfg: DictConfig) -> RunConfig:
     """DictConfig -> validated dataclasses (Hydra's own `hydra` node left out)."""
-    data = OmegaConf.to_container(dcfg, resolve=True)
-    data.pop("hydra", None)
-    check_mem(data.get("mem"))
-    task_cls = task_config_class(data.get("task", {}).get("name"))
-    parts = {"model": ModelConfig, "task": task_cls, "trainer": TrainerConfig, "logger": LoggerConfig}
-    built = {key: from_dict(cls, data.pop(key), key) for key, cls in parts.items()}
-    return from_dict(RunConfig, data | built, "config")
+    return run_config_from_dict(OmegaConf.to_container(dcfg, resolve=True))
 
 
 def job_identity() -> tuple[str | None, str | None]:

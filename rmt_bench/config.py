@@ -586,6 +586,17 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def run_config_from_dict(data: dict) -> RunConfig:
+    """A plain dict (a composed config, or a run's config.json) -> validated dataclasses; extra top-level keys
+    (Hydra's `hydra`, config.json's `choices`) are left out."""
+    data = {k: v for k, v in data.items() if k not in ("hydra", "choices")}
+    check_mem(data.get("mem"))
+    task_cls = task_config_class(data.get("task", {}).get("name"))
+    parts = {"model": ModelConfig, "task": task_cls, "trainer": TrainerConfig, "logger": LoggerConfig}
+    built = {key: from_dict(cls, data.pop(key), key) for key, cls in parts.items()}
+    return from_dict(RunConfig, data | built, "config")
+
+
 def task_config_class(name: str):
     """The config class of task `name` (algorithmic or language modelling)."""
     return LMTaskConfig if name in LM_TASKS else TaskConfig

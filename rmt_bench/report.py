@@ -1,6 +1,8 @@
-"""`rmt-bench-report DIR...`: the suite's runs beside the paper's numbers, as Markdown tables and PNG figures.
+"""`rmt-bench-report DIR...`: the suite's runs beside the paper's numbers, as Markdown tables and PNG figures; any
+other directory of runs (a Hydra multirun) as a table by swept keys and learning curves (sweep_report.py).
 
     rmt-bench-report suite/                      # every benchmark and scale found under suite/
+    rmt-bench-report multirun/2026-12-04/10-00-00 --out report/   # a sweep: runs.md and curves_*.png
     rmt-bench-report suite/reverse_fig3 --out docs/results
     rmt-bench-report suite/ --wandb offline      # also into a W&B run (job type "report"): tables and figures
 
@@ -178,9 +180,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="also log tables and figures to W&B (default: $WANDB_MODE, else disabled)")  # fmt: skip
     args = parser.parse_args(argv)
     benches = find_benchmarks(args.dirs)
-    if not benches:
-        print(f"error: no benchmark.yaml under {', '.join(map(str, args.dirs))} (run rmt-bench-suite)", file=sys.stderr)
-        sys.exit(2)
+    if not benches:  # a Hydra multirun or any folder of runs: the runs' own table and curves
+        from rmt_bench.sweep_report import report_runs
+
+        missing = [str(d) for d in args.dirs if not d.is_dir()]
+        if missing or not any([report_runs(d, args.out) for d in args.dirs]):
+            where = ", ".join(missing or map(str, args.dirs))
+            print(f"error: {where}: no runs there (no config.json, no benchmark.yaml)", file=sys.stderr)
+            sys.exit(2)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     made = []
     for bench in benches:

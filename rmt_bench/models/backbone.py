@@ -54,10 +54,12 @@ class Backbone(nn.Module):
         caches: list[Tensor] | None,
         mask_bias: Tensor,
         past: list[KVBuffer] | None = None,
+        capture: list | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """h (B, Q, d) input vectors (memory + token embeddings), the last Q of the K = mask_bias.shape[1] key
         positions; caches: per layer (B, M, d) or None; past (decoding): per layer the buffer of the keys and
         values of the positions before h (the cache's among them once filled), appended to by this call.
+        `capture` (inspection only): each layer's attention probabilities (B, H, Q, K) are appended to it, in order.
         -> final hidden (B, Q, d) and each layer's input (B, Q, d) for the XL cache."""
         qlen = h.shape[1]
         klen = mask_bias.shape[1]
@@ -65,5 +67,6 @@ class Backbone(nn.Module):
         layer_inputs = []
         for i, layer in enumerate(self.layers):
             layer_inputs.append(h)
-            h = layer(h, caches[i] if caches else None, pos_emb, self.u, self.v, mask_bias, past[i] if past else None)
+            cache, kv = caches[i] if caches else None, past[i] if past else None
+            h = layer(h, cache, pos_emb, self.u, self.v, mask_bias, kv, capture)
         return self.final_norm(h), layer_inputs

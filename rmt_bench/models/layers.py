@@ -111,10 +111,19 @@ class RelMultiHeadAttention(nn.Module):
         return qkv[0].contiguous(), k, val
 
     def forward(
-        self, qu: Tensor, k: Tensor, val: Tensor, pos_emb: Tensor, u: Tensor, v: Tensor, mask_bias: Tensor
+        self,
+        qu: Tensor,
+        k: Tensor,
+        val: Tensor,
+        pos_emb: Tensor,
+        u: Tensor,
+        v: Tensor,
+        mask_bias: Tensor,
+        capture: list | None = None,
     ) -> Tensor:
         """qu (H, B, Q, Dh): (q + u) / sqrt(Dh) of the last Q of the K key positions (`project`); k, val
         (H, B, K, Dh); pos_emb (P, d); u, v (H, Dh); mask_bias (Q, K), 0 where allowed, -inf elsewhere.
+        `capture` (inspection only; None in training): the attention probabilities (B, H, Q, K) are appended to it.
         -> (B, Q, d)"""
         n_head, bsz, qlen, d_head = qu.shape
         klen = k.shape[2]
@@ -129,6 +138,8 @@ class RelMultiHeadAttention(nn.Module):
         )  # (H*B, Q, K), already scaled
         # fp32 softmax (in bf16 autocast too): torch's bf16 CPU softmax is 3x slower on rows of 24 keys
         prob = torch.softmax(scores, dim=-1, dtype=torch.float32).to(val.dtype)
+        if capture is not None:
+            capture.append(prob.detach().view(n_head, bsz, qlen, klen).transpose(0, 1).float())  # (B, H, Q, K)
         if self.training and self.dropatt > 0:
             prob = F.dropout(prob, self.dropatt)
         out = torch.bmm(prob, val.view(batch, klen, d_head)).view(n_head, bsz, qlen, d_head)
@@ -194,16 +205,17 @@ class Block(nn.Module):
         v: Tensor,
         mask_bias: Tensor,
         past: KVBuffer | None = None,
+        capture: list | None = None,
     ) -> Tensor:
         """h (B, Q, d), cache (B, M, d) or None -> (B, Q, d). `past` (decoding): the keys and values of the
         positions before h, filled by earlier calls (the cache and the earlier part of the segment); this call's
-        are appended to it."""
+        are appended to it. `capture`: see `RelMultiHeadAttention.forward`."""
         x = self.norm_attn(h) if self.pre_lnorm else h  # the query rows, (normalised) h
         keys_only = None if cache is None else self.norm_attn(cache) if self.pre_lnorm else cache
         q, k, val = self.attn.project(x, keys_only, u)
         if past is not None:
             k, val = past.append(k, val)
-        attended = self.attn(q, k, val, pos_emb, u, v, mask_bias)
+        attended = self.attn(q, k, val, pos_emb, u, v, mask_bias, capture)
         if self.pre_lnorm:
             h = h + attended
             return h + self.ff(self.norm_ff(h))

@@ -131,11 +131,14 @@ class RecurrentModel(nn.Module):
         pad = self.pad_front if pad is None else pad
         return SegmentState(pad=pad, mem_len=kept, reset_memory=reset_memory)
 
-    def segment(self, tokens: Tensor, state: SegmentState, write: bool = True) -> tuple[Tensor, SegmentState]:
+    def segment(
+        self, tokens: Tensor, state: SegmentState, write: bool = True, capture: list | None = None
+    ) -> tuple[Tensor, SegmentState]:
         """One segment. tokens (B, n) -> hidden states of the tokens (B, n, d), the state for the next one.
 
         write=False leaves out the write block (tokens never see it): the token outputs are the same, and the
-        returned state is of no use.
+        returned state is of no use. `capture` (inspection, rmt_bench/inspect.py): each layer's attention
+        probabilities (B, H, Q, K) over [cache ; read ; tokens ; write] are appended to it.
         """
         m, n = self.cfg.num_mem_tokens, tokens.shape[1]
         write = write and self.writes(state)
@@ -144,7 +147,7 @@ class RecurrentModel(nn.Module):
         if m:
             h = torch.cat([read.to(h.dtype), h] + ([read.to(h.dtype)] if write else []), dim=1)  # (B, Q, d)
         mask = self._mask(n, write, state, tokens.device)
-        out, layer_inputs = self.backbone(h, state.cache, mask)  # (B, Q, d)
+        out, layer_inputs = self.backbone(h, state.cache, mask, capture=capture)  # (B, Q, d)
         return out[:, m : m + n], self._next_state(out[:, m + n :] if write else None, layer_inputs, state, n)
 
     def writes(self, state: SegmentState) -> bool:

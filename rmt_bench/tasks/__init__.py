@@ -35,13 +35,14 @@ class Task(Protocol):
     def carried_in(self, step: int, batch_size: int, carried: StreamState) -> StreamState:
         """The stream state training step `step` starts from, given the one the last step left."""
 
-    def evaluate(self, model, split: str, batch_size: int, autocast, reset_memory: bool = False) -> dict:
+    def evaluate(self, model, split: str, batch_size: int, autocast, reset_memory: bool = False, **settings) -> dict:
         """The split's metrics (no gradients; the caller puts the model in eval mode)."""
 
 
-def build_task(cfg: TaskConfig | LMTaskConfig, device: torch.device | str = "cpu"):
+def build_task(cfg: TaskConfig | LMTaskConfig, device: torch.device | str = "cpu", splits=("train", "valid", "test")):
+    """The task of `cfg`; an algorithmic task draws only `splits` (evaluation needs no training split)."""
     if isinstance(cfg, LMTaskConfig):
         from rmt_bench.tasks.wikitext import LMTask
 
         return LMTask(cfg, device)
-    return AlgorithmicTask(cfg, device)
+    return AlgorithmicTask(cfg, device, splits)

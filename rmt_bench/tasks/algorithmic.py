@@ -132,16 +132,37 @@ class AlgorithmicTask:
         for i in range(0, data.inputs.shape[0], batch_size):
             yield data.rows(i, i + batch_size)
 
+    def token_name(self, token: int) -> str:
+        """A token as the figures label it: `_` padding, `>` the start (`?` in retrieval), then the task's symbols
+        (digits for copy and reverse, letters as keys and digits as values in retrieval, characters in quadratic)."""
+        if token in (PAD, START):
+            return "_" if token == PAD else ("?" if self.name == "retrieval" else ">")
+        if self.name == "retrieval":
+            i = token - 2
+            return chr(ord("a") + i) if i < NUM_KEYS else str(i - NUM_KEYS)
+        if self.name == "quadratic":
+            return ALPHABET[token - 2].replace(" ", "·")
+        return str(token - 2)
+
     def carried_in(self, step: int, batch_size: int, carried: StreamState) -> StreamState:
         """The stream state a training batch starts from: fresh examples start fresh."""
         return StreamState()
 
     @torch.no_grad()
-    def evaluate(self, model: RecurrentModel, split: str, batch_size: int, autocast, reset_memory: bool = False):
+    def evaluate(
+        self,
+        model: RecurrentModel,
+        split: str,
+        batch_size: int,
+        autocast,
+        reset_memory: bool = False,
+        mem_len: int | None = None,
+    ):
         """Loss and accuracy on the answer tokens: greedy across segments (`acc`, the paper's metric),
         teacher-forced (`acc_tf`), and whole-answer exact match of the greedy output (`exact`); with a final
         answer at the end of a longer one (quadratic: step 6) also its exact match (`final_exact`).
-        `reset_memory`: the memory-reset control (`RecurrentModel.initial_state`)."""
+        `reset_memory`: the memory-reset control; `mem_len`: a Transformer-XL cache other than the trained one
+        (`RecurrentModel.initial_state`; rmt-bench-eval --mem-len)."""
         nll = correct = correct_tf = tokens = exact = final_exact = examples = 0.0
         for batch in self.eval_batches(split, batch_size):
             mask = batch.loss_mask
@@ -149,7 +170,7 @@ class AlgorithmicTask:
             # them once, for the state they hand on (models that carry nothing skip them)
             answered = mask.flatten(2).any(2).any(0).nonzero()
             first = int(answered[0]) if len(answered) else 0
-            state = model.initial_state(reset_memory=reset_memory, pad=self.pad_front)
+            state = model.initial_state(mem_len=mem_len, reset_memory=reset_memory, pad=self.pad_front)
             with autocast():
                 if first and (model.cfg.carries_state or self.pad_front):  # its state, or its padding
                     _, state = model(batch.inputs[:, :first], state)
