@@ -39,6 +39,8 @@ MODEL_SWITCHES = {
 ARCHS = ("paper", "trainable")  # backbone styles (configs/arch/*.yaml): they decide pre_lnorm and init_std
 ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval", "quadratic")
 LM_TASKS = ("wikitext103", "enwik8")
+FACTS_TASKS = ("facts",)
+FACT_VARIANTS = ("memorize", "detect", "reason")
 LEVELS = ("word", "char")
 PAD_SIDES = ("front", "end")
 CURRICULUM_KEYS = ("num_pairs", "length", "segments")
@@ -353,6 +355,64 @@ class TaskConfig:
 
 
 @dataclass
+@defaults_from(("task/_facts_base.yaml", None))
+class FactsTaskConfig:
+    """The follow-up's memorisation tasks (arXiv 2304.11062; rmt_bench/tasks/facts.py): bAbI-style facts hidden in
+    distractor text, a question at the end, one answer of 6 places. `memorize`: the fact opens the sequence;
+    `detect`: it stands anywhere before the question; `reason`: two people's places and one object picked up,
+    anywhere, and the question asks where the object is (it needs the pick-up and its holder's place)."""
+
+    name: str
+    variant: str
+    segments: int
+    segment_len: int  # tokens per segment; the question closes the last one
+    filler_dir: str | None = mark(hashed=True, resumable=False)  # distractor text (WikiText layout or .txt files)
+    filler_vocab: int  # the most frequent filler words kept (the rest is <unk>)
+    train_size: int  # examples per epoch; training examples are drawn afresh from (seed, step)
+    valid_size: int = mark(resumable=True)
+    test_size: int = mark(resumable=True)
+    data_seed: int
+    cache_dir: str | None = mark(hashed=False, resumable=True)  # the encoded filler corpus
+
+    def __post_init__(self) -> None:
+        _choice("task.name", self.name, FACTS_TASKS)
+        _choice("task.variant", self.variant, FACT_VARIANTS)
+        for key in ("segments", "segment_len", "filler_vocab", "train_size", "valid_size", "test_size"):
+            _at_least(f"task.{key}", getattr(self, key), 1)
+        if self.seq_len < self.facts_need:
+            raise ConfigError("task.segment_len", f"{self.segments} x {self.segment_len} tokens do not hold the "
+                              f"{self.variant} task's facts and question ({self.facts_need} tokens)")  # fmt: skip
+
+    @property
+    def facts_need(self) -> int:
+        """Tokens the facts and the question take: memorize / detect 6 + 4, reason 3 x 6 + 5."""
+        return 23 if self.variant == "reason" else 10
+
+    @property
+    def seq_len(self) -> int:
+        return self.segments * self.segment_len
+
+    unpadded_len = seq_len
+    pad_front = pad_end = padding = 0
+
+    @property
+    def metric(self) -> MetricSpec:
+        return MetricSpec("acc", ANSWER_METRICS)
+
+    curriculum_keys = ("segments",)
+
+    def at(self, key: str, value: int) -> FactsTaskConfig:
+        """The task in `value` segments of the same length (a curriculum stage, or an evaluation length)."""
+        if key != "segments":
+            raise ConfigError("trainer.curriculum.key", "the facts tasks vary: segments")
+        return replace(self, segments=value)
+
+    @property
+    def key_value(self) -> dict:
+        return {"segments": self.segments}
+
+
+@dataclass
 @defaults_from(("trainer/_base.yaml", "trainer.curriculum"))
 class CurriculumConfig:
     """Stages of the task before its own setting (PAPER.md: the follow-up and BABILong / ARMT train memory this
@@ -393,10 +453,10 @@ class CurriculumConfig:
         """Every stage's task config, the task's own last. Raises ConfigError for a schedule the task cannot run."""
         if not self.on:
             return [task]
-        if not isinstance(task, TaskConfig) or not task.curriculum_keys:
+        if not getattr(task, "curriculum_keys", ()):
             raise ConfigError(
                 "trainer.curriculum.key",
-                f"task {task.name} has no curriculum (it varies the algorithmic tasks copy, reverse and retrieval); "
+                f"task {task.name} has no curriculum (it varies copy, reverse, retrieval and facts); "
                 "use trainer.curriculum.key=null",
             )
         if self.key not in task.curriculum_keys:
@@ -536,7 +596,7 @@ class LoggerConfig:
 @defaults_from(("config.yaml", None), only=("seed", "mem", "resume", "scale"))
 class RunConfig:
     model: ModelConfig
-    task: TaskConfig | LMTaskConfig
+    task: TaskConfig | LMTaskConfig | FactsTaskConfig
     trainer: TrainerConfig
     logger: LoggerConfig
     seed: int = mark(hashed=False)
@@ -598,8 +658,8 @@ def run_config_from_dict(data: dict) -> RunConfig:
 
 
 def task_config_class(name: str):
-    """The config class of task `name` (algorithmic or language modelling)."""
-    return LMTaskConfig if name in LM_TASKS else TaskConfig
+    """The config class of task `name` (algorithmic, language modelling, or the follow-up's facts)."""
+    return LMTaskConfig if name in LM_TASKS else FactsTaskConfig if name in FACTS_TASKS else TaskConfig
 
 
 def width_std(d_model) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from rmt_bench.config import ConfigError, TaskConfig
+from rmt_bench.config import ConfigError
 from rmt_bench.errors import CheckpointError
 from rmt_bench.finished import open_run
 from rmt_bench.tasks import build_task
@@ -64,21 +64,27 @@ def grid(run_dirs: list[Path], key: str, values: list[int], examples: int, batch
     """Every run at every value of `key` -> rows {run, model, trained, value, segments, acc, ...}."""
     rows = []
     for run_dir in run_dirs:
-        cfg, _, model = open_run(run_dir, [f"task.test_size={examples}", "task.valid_size=1", "task.train_size=1"])
-        if not isinstance(cfg.task, TaskConfig) or key not in cfg.task.curriculum_keys:
-            keys = ", ".join(cfg.task.curriculum_keys) if isinstance(cfg.task, TaskConfig) else "none"
-            raise ConfigError("--grid", f"{run_dir}: task {cfg.task.name} cannot vary '{key}' (it varies: {keys})")
+        cfg, own, model = open_run(run_dir, [f"task.test_size={examples}", "task.valid_size=1", "task.train_size=1"])
+        keys = getattr(cfg.task, "curriculum_keys", ())
+        if key not in keys:
+            known = ", ".join(keys) or "none"
+            raise ConfigError("--grid", f"{run_dir}: task {cfg.task.name} cannot vary '{key}' (it varies: {known})")
         autocast = precision_of(run_dir / "summary.json")
         trained = cfg.task.key_value[key]
         for value in values:
             setting = cfg.task if value == trained else cfg.task.at(key, value)
-            task = build_task(replace(setting, test_size=examples), splits=("test",))
-            metrics = evaluate(model, task, "test", batch_size, autocast)
+            if hasattr(own, "evaluate_long"):  # streamed segment by segment: any length, flat memory
+                long = own.evaluate_long(model, value, examples, batch_size, autocast)
+                metrics = {"acc": long.pop("acc")} | long
+            else:
+                task = build_task(replace(setting, test_size=examples), splits=("test",))
+                metrics = evaluate(model, task, "test", batch_size, autocast)
             rows.append({"run": str(run_dir), "model": cfg.model.name, "key": key, "value": value,
                          "trained": trained, "segments": setting.segments, "length_tokens": setting.seq_len,
                          "examples": examples} | {f"test/{k}": v for k, v in metrics.items()})  # fmt: skip
+            extra = "".join(f" {k} {metrics[k]:.3g}" for k in ("seconds_per_example", "peak_memory_mb") if k in metrics)
             print(f"{run_dir.name} ({cfg.model.name}, trained {key}={trained}): {key}={value} "
-                  f"acc {metrics['acc']:.4f} exact {metrics['exact']:.4f}", flush=True)  # fmt: skip
+                  f"({setting.seq_len} tokens) acc {metrics['acc']:.4f}{extra}", flush=True)  # fmt: skip
     return rows
 
 
@@ -86,12 +92,16 @@ def write_grid(rows: list[dict], out: Path) -> None:
     """eval_grid.md, eval_grid.json and eval_grid.png (accuracy against the value, one line per run)."""
     out.mkdir(parents=True, exist_ok=True)
     key = rows[0]["key"]
-    lines = [f"| run | model | trained {key} | {key} | segments | tokens | greedy acc | exact | examples |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"| run | model | trained {key} | {key} | segments | tokens | greedy acc | 95% interval | examples | "
+             "s / example | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         mark = " (trained)" if r["value"] == r["trained"] else ""
+        ci = "-" if "test/ci95" not in r else f"{r['test/ci95'][0]:.3f}-{r['test/ci95'][1]:.3f}"
+        timing = [
+            f"{r[f'test/{k}']:.3g}" if f"test/{k}" in r else "-" for k in ("seconds_per_example", "peak_memory_mb")
+        ]
         cells = [Path(r["run"]).name, r["model"], r["trained"], f"{r['value']}{mark}", r["segments"],
-                 r["length_tokens"], f"{r['test/acc']:.4f}", f"{r['test/exact']:.4f}", r["examples"]]  # fmt: skip
+                 r["length_tokens"], f"{r['test/acc']:.4f}", ci, r["examples"], *timing]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     (out / "eval_grid.md").write_text("\n".join(lines) + "\n")
     (out / "eval_grid.json").write_text(json.dumps(rows, indent=2))
@@ -109,6 +119,9 @@ def write_grid(rows: list[dict], out: Path) -> None:
         label = f"{mine[0]['model']} trained on {key}={mine[0]['trained']} ({Path(run).name})"
         ax.plot([r["value"] for r in mine], [r["test/acc"] for r in mine], "o-", color=f"C{i}", label=label)
         ax.axvline(mine[0]["trained"], color=f"C{i}", ls=":", alpha=0.6)
+    values = [r["value"] for r in rows]
+    if max(values) / min(values) > 10:  # the follow-up's Fig. 1: lengths over orders of magnitude
+        ax.set_xscale("log")
     ax.set(xlabel=f"{key} evaluated", ylabel="test accuracy (greedy)", ylim=(0, 1.02), title="accuracy against length")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from rmt_bench.config import LMTaskConfig, MetricSpec, TaskConfig
+from rmt_bench.config import FactsTaskConfig, LMTaskConfig, MetricSpec, TaskConfig
 from rmt_bench.models import StreamState
 from rmt_bench.tasks.algorithmic import AlgorithmicTask, Batch
 
@@ -39,10 +39,18 @@ class Task(Protocol):
         """The split's metrics (no gradients; the caller puts the model in eval mode)."""
 
 
-def build_task(cfg: TaskConfig | LMTaskConfig, device: torch.device | str = "cpu", splits=("train", "valid", "test")):
+def build_task(
+    cfg: TaskConfig | LMTaskConfig | FactsTaskConfig,
+    device: torch.device | str = "cpu",
+    splits=("train", "valid", "test"),
+):
     """The task of `cfg`; an algorithmic task draws only `splits` (evaluation needs no training split)."""
     if isinstance(cfg, LMTaskConfig):
         from rmt_bench.tasks.wikitext import LMTask
 
         return LMTask(cfg, device)
+    if isinstance(cfg, FactsTaskConfig):
+        from rmt_bench.tasks.facts import FactsTask
+
+        return FactsTask(cfg, device, splits)
     return AlgorithmicTask(cfg, device, splits)

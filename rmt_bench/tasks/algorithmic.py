@@ -127,6 +127,14 @@ class AlgorithmicTask:
                 yield data.take(perm[i * batch_size : (i + 1) * batch_size])
             epoch, offset = epoch + 1, 0
 
+    def batch_at(self, step: int, batch_size: int, seed: int, gen: torch.Generator | None = None) -> Batch:
+        """A training batch drawn by (seed, step) alone (the curriculum's stages): rows of the training split, by
+        `gen` if given (seeded by the caller from (seed, step))."""
+        data = self.splits["train"]
+        gen = gen or torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, data.inputs.shape[0], (batch_size,), generator=gen)
+        return data.take(idx.to(data.inputs.device))
+
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
         data = self.splits[split]
         for i in range(0, data.inputs.shape[0], batch_size):

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 
 from rmt_bench.config import CurriculumConfig
-from rmt_bench.tasks import AlgorithmicTask, Batch
+from rmt_bench.tasks import AlgorithmicTask, Batch, build_task
 
 
 class Curriculum:
@@ -48,7 +48,7 @@ class Curriculum:
         """Stage `stage`'s task (train and a `valid_size` validation split), built on first use."""
         if stage not in self._tasks:
             setting = replace(self.settings[stage], valid_size=self.cfg.valid_size)
-            self._tasks[stage] = AlgorithmicTask(setting, self.device, splits=("train", "valid"))
+            self._tasks[stage] = build_task(setting, self.device, splits=("train", "valid"))
         return self._tasks[stage]
 
     def batches(self, st, batch_size: int, seed: int) -> Iterator[Batch]:
@@ -56,11 +56,12 @@ class Curriculum:
         `batch_size` examples of that stage's training split, drawn with a generator seeded by (seed, step), so a
         resumed run draws the same. `varying`: the batch's stage is drawn uniformly from 0 .. st.stage first."""
         while True:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + st.step)
-            stage = int(torch.randint(0, st.stage + 1, (1,), generator=gen)) if self.cfg.varying else st.stage
-            data = self.task(stage).splits["train"]
-            idx = torch.randint(0, data.inputs.shape[0], (batch_size,), generator=gen)
-            yield data.take(idx.to(data.inputs.device))
+            if self.cfg.varying:  # the stage, then the rows, from one generator of (seed, step)
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + st.step)
+                stage = int(torch.randint(0, st.stage + 1, (1,), generator=gen))
+                yield self.task(stage).batch_at(st.step, batch_size, seed, gen)
+            else:
+                yield self.task(st.stage).batch_at(st.step, batch_size, seed)
 
     def advance(self, st, stage_acc: float) -> bool:
         """Start the next stage if this one's validation accuracy reached the threshold or it used its steps."""
