@@ -160,9 +160,9 @@ class RunLogger:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         self._shown["step"] = step
-        for key in ("acc", "final_exact", "ppl", "bpc"):
-            if f"val/{key}" in metrics:
-                self._shown[f"val {key}"] = metrics[f"val/{key}"]
+        headline = self.metric.headline if self.metric else "acc"  # what the progress line shows of a validation
+        if f"val/{headline}" in metrics:
+            self._shown[f"val {headline}"] = metrics[f"val/{headline}"]
         if "train/loss" in metrics:
             self._shown |= {
                 "loss": metrics["train/loss"],
@@ -175,9 +175,21 @@ class RunLogger:
             self._bar.set_postfix(self._shown_text(), refresh=False)
         if self.wandb is not None:
             try:
-                self.wandb.log(metrics, step=step)
+                self.wandb.log(metrics | self._curves(metrics), step=step)
             except Exception as exc:
                 self._wandb_failed("log", exc)
+
+    def _curves(self, metrics: dict) -> dict:
+        """A list-valued metric (perplexity by position in the segment, by segment of the document) also as a
+        W&B line plot against its index."""
+        import wandb
+
+        out = {}
+        for key, values in metrics.items():
+            if isinstance(values, list) and values and all(isinstance(v, (int, float)) or v is None for v in values):
+                table = wandb.Table(data=[[i, v] for i, v in enumerate(values) if v is not None], columns=["i", key])
+                out[f"{key}_plot"] = wandb.plot.line(table, "i", key, title=key)
+        return out
 
     def truncate(self, step: int) -> None:
         """A resumed run: drop the records logged after `step` (its checkpoint), which it will log again."""

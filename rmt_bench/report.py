@@ -151,6 +151,39 @@ def figure(rows: list[dict], title: str, xlabel: str, ylabel: str, path: Path) -
     return True
 
 
+def profile_figures(rows: list[dict], metric: str, stem: str, out: Path) -> list[Path]:
+    """Language modelling: the test perplexity (or bpc) by position in the segment and by segment of the document,
+    one line per cell (the mean over its runs), when the runs recorded them (`<metric>_by_position`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for kind, xlabel in (("by_position", "position in the segment"), ("by_doc_segment", "segment of the document")):
+        key = f"{metric}_{kind}"
+        fig, ax, drawn = *plt.subplots(figsize=(6.5, 3.8)), 0
+        for i, row in enumerate(rows):
+            curves = [r[key] for r in row["runs"] if isinstance(r.get(key), list)]
+            if not curves:
+                continue
+            cols = list(zip(*curves))
+            mean = [sum(v for v in c if v is not None) / max(sum(v is not None for v in c), 1) for c in cols]
+            ax.plot(range(len(mean)), mean, "-", color=f"C{i % 10}", label=row["name"], lw=1.2)
+            drawn += 1
+        if drawn:
+            ax.set(xlabel=xlabel, ylabel=key.removeprefix("test/"), title=f"{stem}: {key}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            fig.tight_layout()
+            fig.savefig(out / f"{stem}_{kind}.png", dpi=120)
+            made.append(out / f"{stem}_{kind}.png")
+        plt.close(fig)
+    return made
+
+
 def log_to_wandb(made: list[tuple[str, str, list[dict], Path | None]], out: Path, mode: str) -> str:
     """Each table (a wandb.Table, plus the Markdown) and figure (a wandb.Image) into one run of job type "report"."""
     import wandb
@@ -199,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             (args.out / f"{stem}.md").write_text(text)
             png = args.out / f"{stem}.png"
             drawn = figure(rows, f"{bench.name} ({scale})", str(data.get("x", "cell")), data["metric"], png)
+            profile_figures(rows, data["metric"], stem, args.out)
             made.append((stem, text, rows, png if drawn else None))
             print(text)
             print(f"-> {args.out / stem}.md" + (f", {png}\n" if drawn else "\n"))

@@ -226,5 +226,9 @@ def test_an_lm_table_runs_as_a_smoke_run_on_given_data_and_reports_perplexity(tm
     row = next(line for line in text.splitlines() if line.startswith("| model=rmt,task.segment_len=50,mem=10,"))
     assert f"**{summary['test/ppl']:.2f}**" in row and "| 26.37 |" in row
     assert (tmp_path / "report" / "wikitext103_table2_cpu.png").read_bytes()[:4] == b"\x89PNG"
+    # perplexity by position in the segment and by segment of the document, from the test pass, drawn per cell
+    assert len(summary["test/ppl_by_position"]) == 50 and summary["test/ppl_by_doc_segment"][0] > 1
+    for kind in ("by_position", "by_doc_segment"):
+        assert (tmp_path / "report" / f"wikitext103_table2_cpu_{kind}.png").read_bytes()[:4] == b"\x89PNG"
     media = list((tmp_path / "report" / "wandb").glob("offline-run-*/files/media/**/*"))
     assert {p.suffix for p in media if p.is_file()} >= {".json", ".png", ".html"}, media

@@ -286,3 +286,44 @@ def test_no_network_is_found_in_seconds_with_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert lines[0].startswith("error: task.data_dir: no WikiText-103 here: no network, and not in the Hugging Face")
+
+
+def test_perplexity_by_position_and_by_document_segment_equal_a_direct_count(tmp_path):
+    """From the one evaluation pass: each position's and each document segment's perplexity equal the mean
+    nll of those targets counted by hand over a direct pass (per column, state carried), with documents starting
+    at WikiText's level-1 headings."""
+    import math
+
+    from rmt_bench.tasks.wikitext import DOC_SEGMENTS, EOS
+
+    data_dir = write_wikitext(tmp_path / "wt")
+    with open(data_dir / "wiki.test.tokens", "a", encoding="utf-8") as f:  # sections are not documents
+        f.write("\n = = Heading 1 = = \n\n the cat sat . \n" * 5)
+    task = build_task(lm_cfg(tmp_path, data_dir=data_dir, segment_len=8))
+    model = build_model(tiny_model("rmt_xl"), task.vocab_size).eval()
+    got = task.evaluate(model, "test", 2, contextlib.nullcontext)
+    cols = task.columns("test", 2)
+    data = list(map(int, task.data["test"]))
+    eq, eos = task.vocab.index("="), task.vocab.index(EOS)
+    starts = [0] + [p for p in range(1, len(data) - 1) if data[p] == eq and data[p - 1] == eos and data[p + 1] != eq]
+    assert len(starts) > 2  # the test split has headings: several documents
+    pos, doc = {}, {}
+    for b in range(2):
+        state = model.initial_state()
+        for i in range(0, cols.shape[1] - 1, 8):
+            n = min(8, cols.shape[1] - 1 - i)
+            with torch.no_grad():
+                hidden, state = model(cols[b : b + 1, i : i + n][:, None], state)
+                nll = model.head.nll(hidden.flatten(0, 2), cols[b, i + 1 : i + 1 + n]).tolist()
+            for t, value in enumerate(nll):
+                p = b * cols.shape[1] + i + 1 + t
+                k = min((p - max(s for s in starts if s <= p)) // 8, DOC_SEGMENTS)
+                pos.setdefault(t, []).append(value)
+                doc.setdefault(k, []).append(value)
+    mean = lambda xs: math.exp(sum(xs) / len(xs))  # noqa: E731
+    assert got["ppl_by_position"] == pytest.approx([mean(pos[t]) for t in range(8)], rel=1e-5)
+    expected_doc = [mean(doc[k]) if k in doc else None for k in range(DOC_SEGMENTS + 1)]
+    assert [x is None for x in got["ppl_by_doc_segment"]] == [x is None for x in expected_doc]
+    assert [x for x in got["ppl_by_doc_segment"] if x] == pytest.approx([x for x in expected_doc if x], rel=1e-5)
+    all_nll = [v for vs in pos.values() for v in vs]
+    assert got["ppl"] == pytest.approx(mean(all_nll), rel=1e-6)

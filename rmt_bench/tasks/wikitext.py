@@ -36,6 +36,13 @@ from rmt_bench.net import reachable
 from rmt_bench.tasks.algorithmic import Batch
 
 EOS = "<eos>"
+DOC_SEGMENTS = 20  # per-document segment indices reported one by one; the last bucket pools the rest
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
 SPLITS = ("train", "valid", "test")
 LAYOUTS = ({s: f"wiki.{s}.tokens" for s in SPLITS}, {s: f"{s}.txt" for s in SPLITS})
 HUB_NAME, HUB_CONFIG = "Salesforce/wikitext", "wikitext-103-v1"
@@ -231,21 +238,52 @@ class LMTask:
         """The stream state a training batch starts from: the previous batch's, reset at each epoch."""
         return StreamState() if step % self.steps_per_epoch(batch_size) == 0 else carried
 
+    def document_starts(self, split: str) -> np.ndarray:
+        """Stream positions where a document begins: WikiText's articles open with a level-1 heading line
+        (` = Title = `: '=' after a line's end, not followed by '='); the stream's start is one too. Character-level
+        streams and corpora without such lines are one document."""
+        data = np.asarray(self.data[split])
+        starts = [0]
+        index = {sym: i for i, sym in enumerate(self.vocab[: 1 << 20])}
+        eq, eos = index.get("="), index.get(EOS)
+        if self.cfg.level == "word" and eq is not None and eos is not None and len(data) > 2:
+            heading = (data[1:-1] == eq) & (data[:-2] == eos) & (data[2:] != eq)
+            starts += (np.nonzero(heading)[0] + 1).tolist()
+        return np.asarray(sorted(set(starts)), dtype=np.int64)
+
     @torch.no_grad()
     def evaluate(self, model: RecurrentModel, split: str, batch_size: int, autocast, reset_memory: bool = False):
         """Loss over the whole split carrying memory/cache (a Transformer-XL cache of `task.eval_mem_len`), as
-        perplexity (`ppl`) or bits per character (`bpc`)."""
-        nll, tokens = 0.0, 0
+        perplexity (`ppl`) or bits per character (`bpc`); and from the same pass, the same measure per position
+        within the segment (`<metric>_by_position`: where memory shows first, at a segment's start) and per segment
+        index within a document (`<metric>_by_doc_segment`: the target's distance from its document's start in
+        segments, the last entry pooling DOC_SEGMENTS and beyond)."""
+        cols = self.columns(split, batch_size)
+        per_col, n_eval = cols.shape[1], self.cfg.eval_segment_len or self.segment_len
+        starts = torch.from_numpy(self.document_starts(split))
+        col_start = torch.arange(batch_size)[:, None] * per_col  # stream position of each column's first token
+        by_pos, pos_count = torch.zeros(n_eval, dtype=torch.float64), torch.zeros(n_eval, dtype=torch.float64)
+        by_doc, doc_count = torch.zeros(DOC_SEGMENTS + 1, dtype=torch.float64), torch.zeros(DOC_SEGMENTS + 1)
         state = model.initial_state(mem_len=self.cfg.eval_mem_len, reset_memory=reset_memory)
+        offset = 0
         for batch in self.eval_batches(split, batch_size):
+            n = batch.inputs.shape[2]
             with autocast():
                 hidden, state = model(batch.inputs, state)
-                nll += model.head.nll(hidden.flatten(0, 2), batch.targets.flatten()).sum().item()
-            tokens += batch.targets.numel()
-        loss = nll / tokens
-        if self.cfg.level == "char":
-            return {"loss": loss, "bpc": loss / math.log(2)}
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+                nll = model.head.nll(hidden.flatten(0, 2), batch.targets.flatten()).double().view(batch_size, n).cpu()
+            by_pos[:n] += nll.sum(0)
+            pos_count[:n] += batch_size
+            target = col_start + offset + 1 + torch.arange(n)[None, :]  # (B, n) stream positions of the targets
+            doc = starts[torch.searchsorted(starts, target, right=True) - 1]
+            k = ((target - doc) // n_eval).clamp(max=DOC_SEGMENTS)
+            by_doc.index_add_(0, k.flatten(), nll.flatten())
+            doc_count.index_add_(0, k.flatten(), torch.ones(k.numel()))
+            offset += n
+        loss = by_pos.sum().item() / pos_count.sum().item()
+        name, measure = ("bpc", lambda x: x / math.log(2)) if self.cfg.level == "char" else ("ppl", _ppl)
+        pos = [measure(v) for v in (by_pos / pos_count.clamp(min=1)).tolist()]
+        docs = [measure(v) if c else None for v, c in zip((by_doc / doc_count.clamp(min=1)).tolist(), doc_count)]
+        return {"loss": loss, name: measure(loss), f"{name}_by_position": pos, f"{name}_by_doc_segment": docs}
 
     @staticmethod
     def _batch(cols: torch.Tensor, i: int, segments: int, n: int) -> Batch:
