@@ -77,7 +77,7 @@ def table(bench_dir: Path, scale: str) -> tuple[str, list[dict]]:
     data = yaml.safe_load((bench_dir / "benchmark.yaml").read_text())
     rows = collect(bench_dir, data, scale)
     runs = [r for row in rows for r in row["runs"]]
-    seen = {key: sorted({str(r.get(key)) for r in runs}) for key in ("arch", "precision")}
+    seen = {key: sorted({str(r.get(key)) for r in runs}) for key in ("arch", "precision", "curriculum")}
     # the direction: the benchmark file's, else the one the runs recorded (the task's MetricSpec)
     recorded = {r["higher_is_better"] for r in runs if "higher_is_better" in r}
     higher = data.get("higher_is_better", recorded.pop() if len(recorded) == 1 else True)
@@ -87,7 +87,8 @@ def table(bench_dir: Path, scale: str) -> tuple[str, list[dict]]:
         "",
         f"`{data['metric']}` ({better} is better), ours over seeds {data['seeds']} (a cell's own `seeds` where it "
         "gives them) beside the paper's number; "
-        f"backbone style {', '.join(seen['arch']) or '-'}, precision {', '.join(seen['precision']) or '-'}.",
+        f"backbone style {', '.join(seen['arch']) or '-'}, precision {', '.join(seen['precision']) or '-'}, "
+        f"curriculum {'; '.join(seen['curriculum']) or '-'}.",
         "",
         "| cell | ours (mean) | min | max | runs | paper | ours - paper |",
         "|---|---|---|---|---|---|---|",
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         missing = [str(d) for d in args.dirs if not d.is_dir()]
         if missing or not any([report_runs(d, args.out) for d in args.dirs]):
             where = ", ".join(missing or map(str, args.dirs))
-            print(f"error: {where}: no runs there (no config.json, no benchmark.yaml)", file=sys.stderr)
+            print(f"error: no benchmark.yaml and no run (config.json) under {where} (run rmt-bench-suite or a sweep)",
+                  file=sys.stderr)  # fmt: skip
             sys.exit(2)
         return
     args.out.mkdir(parents=True, exist_ok=True)

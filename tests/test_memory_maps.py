@@ -95,6 +95,10 @@ def test_inspect_draws_every_map_of_a_trained_run_and_saves_the_probabilities(ti
     assert (
         cols[:4] == ["r0", "r1", "r2", "r3"] and len(cols) == 12 and (tmp_path / "one" / "read_seg0_heads.png").exists()
     )
+    logged = tool("memory_maps", tiny_run, "--examples", 4, "--out", tmp_path / "w", "--wandb", "offline", cwd=tmp_path)
+    assert logged.returncode == 0, logged.stderr
+    media = list(tiny_run.glob("wandb/offline-run-*/files/media/images/*.png"))
+    assert len(media) == 6  # write and read maps of 3 segments, in a W&B run of job type inspect
     bad = tool("memory_maps", tmp_path, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: {tmp_path}: not a run directory (no config.json; give the directory of a finished run)"
