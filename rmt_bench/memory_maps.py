@@ -100,10 +100,15 @@ def draw(prob: np.ndarray, rows: list[str], cols: list[str], bounds: list[int], 
     import matplotlib.pyplot as plt
 
     panels = prob.shape[0]
-    width = min(3.0 + 0.12 * len(cols), 7.0)
-    fig, axes = plt.subplots(1, panels, figsize=(width * panels, 1.2 + 0.12 * len(rows) + 1.0), squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        ax.imshow(prob[i], cmap="viridis", vmin=0.0, vmax=max(float(prob[i].max()), 1e-6), aspect="auto")
+    ncols = min(panels, 3)
+    nrows = -(-panels // ncols)
+    width, height = min(2.5 + 0.14 * len(cols), 6.5), min(1.6 + 0.16 * len(rows), 6.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.5), squeeze=False)
+    for ax in axes.flat[panels:]:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:panels]):
+        image = ax.imshow(prob[i], cmap="viridis", vmin=0.0, vmax=max(float(prob[i].max()), 1e-6), aspect="auto")
+        fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
         for b in bounds:
             ax.axvline(b - 0.5, color="white", lw=0.8)
         small = len(cols) <= 64 and len(rows) <= 64
@@ -112,6 +117,7 @@ def draw(prob: np.ndarray, rows: list[str], cols: list[str], bounds: list[int], 
         ax.set_yticks(range(len(rows)) if small else [])
         ax.set_yticklabels(rows if small else [], fontsize=5)
         ax.set_title(f"layer {i}" if panels > 1 else "", fontsize=7)
+        ax.tick_params(labelsize=5)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
