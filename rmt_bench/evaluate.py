@@ -41,20 +41,28 @@ def precision_of(summary_path: Path):
     return autocast_factory(torch.device("cpu"), bf16)
 
 
-def label_of(words: list[str], mem_len: int | None) -> str:
+def label_of(words: list[str], mem_len: int | None, reset: bool = False) -> str:
     parts = [w.removeprefix("task.") for w in words] + ([f"mem_len={mem_len}"] if mem_len is not None else [])
-    return ",".join(parts) or "as_trained"
+    return ",".join(parts + (["memory_reset"] if reset else [])) or "as_trained"
 
 
-def one_setting(run_dir: Path, words: list[str], mem_len: int | None, batch_size: int) -> dict:
+def one_setting(run_dir: Path, words: list[str], mem_len: int | None, batch_size: int, reset: bool = False) -> dict:
     cfg, task, model = open_run(run_dir, words)
-    settings = {"mem_len": mem_len} if mem_len is not None else {}
+    settings = ({"mem_len": mem_len} if mem_len is not None else {}) | ({"reset_memory": True} if reset else {})
+    if reset and not model.writes(model.initial_state()):
+        raise ConfigError("--memory-reset", f"the run's model ({cfg.model.name}) carries no memory tokens to reset")
     if mem_len is not None and not model.cfg.mem_len:
         raise ConfigError("--mem-len", f"the run's model ({cfg.model.name}) has no Transformer-XL cache")
     metrics = evaluate(model, task, "test", batch_size, precision_of(run_dir / "summary.json"), **settings)
-    record = {"run": str(run_dir), "setting": words, "mem_len": mem_len, "task": asdict(cfg.task)}
+    record = {
+        "run": str(run_dir),
+        "setting": words,
+        "mem_len": mem_len,
+        "memory_reset": reset,
+        "task": asdict(cfg.task),
+    }
     record |= {f"test/{k}": v for k, v in metrics.items()}
-    out = run_dir / "eval" / f"{label_of(words, mem_len)}.json"
+    out = run_dir / "eval" / f"{label_of(words, mem_len, reset)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     return record | {"file": str(out)}
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         "--grid", default=None, help="KEY=V1,V2,...: every run at every value (segments, length, num_pairs)"
     )
     parser.add_argument("--mem-len", type=int, default=None, help="Transformer-XL evaluation cache length")
+    parser.add_argument("--memory-reset", action="store_true",
+                        help="the memory-reset control: every segment reads the initial memory (RMT)")  # fmt: skip
     parser.add_argument("--examples", type=int, default=500, help="test examples per grid point (default 500)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", type=Path, default=Path("."), help="where a grid's table and figure go")
@@ -167,12 +177,12 @@ def main(argv: list[str] | None = None) -> None:
             return
         if len(runs) != 1:
             raise ConfigError("run_dir", f"one run directory for one setting (got {len(runs)}); --grid takes several")
-        record = one_setting(runs[0], words, args.mem_len, args.batch_size)
+        record = one_setting(runs[0], words, args.mem_len, args.batch_size, args.memory_reset)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     shown = ", ".join(f"{k.removeprefix('test/')} {v:.4f}" for k, v in record.items() if k.startswith("test/"))
-    print(f"{label_of(words, args.mem_len)}: {shown} -> {record['file']}")
+    print(f"{label_of(words, args.mem_len, args.memory_reset)}: {shown} -> {record['file']}")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def test_capturing_changes_no_output_of_any_model(name, switches):
 def tiny_run(tmp_path_factory):
     """A tiny rmt run of reverse-6 in 3 segments (a real checkpoint to inspect and evaluate)."""
     tmp = tmp_path_factory.mktemp("run")
-    args = [*TINY, "task.length=6", "task.segments=3", "mem=4", "trainer.max_minutes=null", "trainer.num_threads=1"]
+    args = [*TINY, "task.length=6", "task.segments=3", "mem=4", "trainer.max_minutes=null", "trainer.num_threads=1",
+            "trainer.memory_reset_control=true"]  # fmt: skip
     res = run_cli(*args, f"hydra.run.dir={tmp / 'run'}", cwd=tmp)
     assert res.returncode == 0, res.stderr
     return tmp / "run"
@@ -111,6 +112,10 @@ def test_eval_as_trained_gives_the_runs_test_and_other_settings_their_own(tiny_r
     assert res.returncode == 0, res.stderr
     same = json.loads((tiny_run / "eval" / "as_trained.json").read_text())
     assert same["test/acc"] == summary["test/acc"] and same["test/loss"] == pytest.approx(summary["test/loss"])
+    reset = tool("evaluate", tiny_run, "--memory-reset", cwd=tmp_path)
+    assert reset.returncode == 0, reset.stderr
+    control = json.loads((tiny_run / "eval" / "memory_reset.json").read_text())
+    assert control["test/acc"] == summary["test_memory_reset/acc"]  # the run's own control, from its directory
     longer = tool("evaluate", tiny_run, "task.segments=6", "task.length=12", cwd=tmp_path)
     assert longer.returncode == 0, longer.stderr
     record = json.loads((tiny_run / "eval" / "segments=6,length=12.json").read_text())
