@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", type=Path, default=Path("."), help="where a grid's table and figure go")
     args = parser.parse_args(argv)
-    runs = [Path(a) for a in args.args if "=" not in a]
-    words = [a for a in args.args if "=" in a]
+    # run directories may hold '=' (suite cells: model=rmt,mem=5/seed0): an existing directory is a run
+    runs = [Path(a) for a in args.args if Path(a).is_dir() or "=" not in a]
+    words = [a for a in args.args if not (Path(a).is_dir() or "=" not in a)]
     try:
         if args.grid is not None:
             if words:

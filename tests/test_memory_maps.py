@@ -112,7 +112,9 @@ def test_eval_as_trained_gives_the_runs_test_and_other_settings_their_own(tiny_r
     assert res.returncode == 0, res.stderr
     same = json.loads((tiny_run / "eval" / "as_trained.json").read_text())
     assert same["test/acc"] == summary["test/acc"] and same["test/loss"] == pytest.approx(summary["test/loss"])
-    reset = tool("evaluate", tiny_run, "--memory-reset", cwd=tmp_path)
+    cell = tmp_path / "model=rmt,mem=4"  # a suite cell's directory: '=' in its name
+    cell.symlink_to(tiny_run, target_is_directory=True)
+    reset = tool("evaluate", cell, "--memory-reset", cwd=tmp_path)
     assert reset.returncode == 0, reset.stderr
     control = json.loads((tiny_run / "eval" / "memory_reset.json").read_text())
     assert control["test/acc"] == summary["test_memory_reset/acc"]  # the run's own control, from its directory
