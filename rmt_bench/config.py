@@ -366,7 +366,7 @@ class FactsTaskConfig:
     variant: str
     segments: int
     segment_len: int  # tokens per segment; the question closes the last one
-    filler_dir: str | None = mark(hashed=True, resumable=False)  # distractor text (WikiText layout or .txt files)
+    filler_dir: str | None  # distractor text (WikiText layout or .txt files); None: the built-in filler
     filler_vocab: int  # the most frequent filler words kept (the rest is <unk>)
     train_size: int  # examples per epoch; training examples are drawn afresh from (seed, step)
     valid_size: int = mark(resumable=True)

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rmt_bench.config import FactsTaskConfig, LMTaskConfig
-from rmt_bench.models import RecurrentModel, StreamState
+from rmt_bench.config import ConfigError, FactsTaskConfig, LMTaskConfig
+from rmt_bench.models import RecurrentModel
 from rmt_bench.tasks.algorithmic import AlgorithmicTask, Batch
 
 PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")  # the 6 answers
@@ -77,7 +77,12 @@ class FillerSource:
             return
         from rmt_bench.tasks.wikitext import load_corpus
 
-        vocab, streams = load_corpus(LMTaskConfig(name="wikitext103", data_dir=cfg.filler_dir, cache_dir=cfg.cache_dir))
+        try:
+            vocab, streams = load_corpus(
+                LMTaskConfig(name="wikitext103", data_dir=cfg.filler_dir, cache_dir=cfg.cache_dir)
+            )
+        except ConfigError as exc:  # the loader names its own key: say the one the user gave
+            raise ConfigError("task.filler_dir", str(exc).split(": ", 1)[1]) from None
         kept = [w for w in vocab if w.lower() not in banned and w != "<unk>"][: cfg.filler_vocab]
         index = {w: FILLER_START + i for i, w in enumerate(kept)}
         self.words, self.streams = kept, streams
@@ -250,6 +255,3 @@ class FactsTask(AlgorithmicTask):
         return {"acc": acc, "ci95": [centre - half, centre + half], "examples": examples, "tokens": total,
                 "segments": segments, "seconds_per_example": (time.perf_counter() - start) / examples,
                 "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
-
-    def carried_in(self, step: int, batch_size: int, carried: StreamState) -> StreamState:
-        return StreamState()
