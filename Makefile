@@ -14,8 +14,9 @@ JOBS ?= 1
 install: $(VENV)/.installed
 
 # CPU torch first on a machine without CUDA (a pinned release, so pip does not pull a multi-GB CUDA build
-# into an empty venv), then the package with its dev tools and the peers `scripts/bench.py peers` compares
-# against (the `bench` extra, installed against the torch already there; the package never imports them).
+# into an empty venv), then the package with its dev tools, the peers `scripts/bench.py peers` compares
+# against (the `bench` extra, installed against the torch already there; the package never imports them) and
+# `transformers` for backbone=hf (the `hf` extra, which its tests need).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -24,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[dev,bench,report,sweep]"
+	$(PY) -m pip install --quiet -e ".[dev,bench,report,sweep,hf]"
 	@touch $@
 
 run: install

@@ -29,6 +29,7 @@ MODEL_NAMES = ("vanilla", "memtr", "xl", "rmt", "rmt_xl")
 # The one mapping from a model name to its switches, MEM standing for the memory size (`mem=`): configs/model/
 # says the same for the command line (a test pins them together); tests and scripts build models from it.
 MEM = "mem"
+HF_KINDS = ("decoder", "encoder")
 MODEL_SWITCHES = {
     "vanilla": {},
     "memtr": {"num_mem_tokens": MEM, "recurrent_memory": False},
@@ -186,9 +187,16 @@ class ModelConfig:
     # output layer: [] = plain softmax; e.g. [20000, 40000, 200000] = adaptive softmax (WikiText-103)
     adaptive_cutoffs: list[int]
     div_val: int  # adaptive softmax/input: cluster i has dimension d_model / div_val^i
+    # a Hugging Face model as the backbone (backbone=hf; rmt_bench/models/hf.py): a Hub name or a local directory;
+    # None: the own Transformer-XL backbone (the size keys above); the wrapped model's sizes are its own
+    hf_name: str | None
+    hf_kind: str  # decoder: [read ; tokens ; write] with the paper's mask; encoder: [CLS] read [SEP] tokens [SEP]
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
+        _choice("model.hf_kind", self.hf_kind, HF_KINDS)
+        if self.hf_name is not None:
+            self._check_hf()
         _choice("model.arch", self.arch, ARCHS)
         if self.pre_lnorm is None:  # the style's
             self.pre_lnorm = self.arch == "trainable"
@@ -238,6 +246,18 @@ class ModelConfig:
             raise ConfigError("model.read_memory_emb", "needs recurrent memory tokens (model=rmt or rmt_xl)")
         if self.same_length and not c:
             raise ConfigError("model.same_length", "needs a cache: mem_len >= 1 (model=xl or rmt_xl)")
+
+    def _check_hf(self) -> None:
+        """What a wrapped Hugging Face model can be: no Transformer-XL cache, its own sizes and head."""
+        if not self.hf_name.strip():
+            raise ConfigError("model.hf_name", "backbone=hf needs a model: a Hub name (model.hf_name=gpt2) or a local "
+                              "directory saved with save_pretrained")  # fmt: skip
+        if self.mem_len:
+            raise ConfigError("model.mem_len", f"a wrapped Hugging Face model has no Transformer-XL cache; use "
+                              f"model=rmt, memtr or vanilla with backbone=hf (got model={self.name})")  # fmt: skip
+        if self.adaptive_cutoffs:
+            raise ConfigError("model.adaptive_cutoffs", "a wrapped Hugging Face model keeps its own output layer; "
+                              "use []")  # fmt: skip
 
     @property
     def carries_state(self) -> bool:
@@ -331,12 +351,14 @@ class TaskConfig:
         return {"retrieval": ("num_pairs", "segments"), "copy": ("length", "segments"),
                 "reverse": ("length", "segments")}.get(self.name, ())  # fmt: skip
 
-    def at(self, key: str, value: int) -> TaskConfig:
-        """This task at another value of `key`, as a curriculum stage. `num_pairs` / `length`: the segment count
-        stays and the segment length follows; `segments`: the segment length stays and the sequence follows
-        (copy 3L and reverse 2L tokens, retrieval as many pairs as fit, padded). Raises ConfigError."""
-        if key != "segments":
-            return replace(self, **{key: value})
+    def at(self, named: dict[str, int]) -> TaskConfig:
+        """This task at other values of curriculum keys, as a stage or an evaluation setting. One key: `num_pairs` /
+        `length`, the segment count stays and the segment length follows; `segments`, the segment length stays and
+        the sequence follows (copy 3L and reverse 2L tokens, retrieval as many pairs as fit, padded). Several keys:
+        the sequence and the segment count named, the segment length follows. Raises ConfigError."""
+        if list(named) != ["segments"]:
+            return replace(self, **named)
+        value = named["segments"]
         total = value * self.segment_len
         if self.name == "retrieval":
             if total < 4:
@@ -401,11 +423,11 @@ class FactsTaskConfig:
 
     curriculum_keys = ("segments",)
 
-    def at(self, key: str, value: int) -> FactsTaskConfig:
-        """The task in `value` segments of the same length (a curriculum stage, or an evaluation length)."""
-        if key != "segments":
+    def at(self, named: dict[str, int]) -> FactsTaskConfig:
+        """The task in `named["segments"]` segments of the same length (a curriculum stage, an evaluation length)."""
+        if list(named) != ["segments"]:
             raise ConfigError("trainer.curriculum.key", "the facts tasks vary: segments")
-        return replace(self, segments=value)
+        return replace(self, segments=named["segments"])
 
     @property
     def key_value(self) -> dict:
@@ -419,35 +441,68 @@ class CurriculumConfig:
     way): the stage's value of `key` (`num_pairs`, `length` or `segments`) rises through `stages`, then the task's
     own value is the last stage. Each stage continues from the last; the next one starts when the stage's own
     validation reaches `threshold` (greedy accuracy) or after `max_stage_steps`. `varying`: each batch draws
-    its value uniformly from the first stage's to the current stage's."""
+    its value uniformly from the first stage's to the current stage's.
 
-    key: str | None
-    stages: list[int]
+    Several keys (`key: [num_pairs, segments]`, `stages: [[1, 2], [2, 2], [3, 2], [4, 2]]`): each stage names one
+    value per key, e.g. the pairs at 2 segments and then the segments at the task's pairs; the sequence is the one
+    named and the segment length follows from the segment count."""
+
+    key: str | list[str] | None
+    stages: list  # values of `key`; with several keys, one list of values per stage
     threshold: float
     max_stage_steps: int | None
     varying: bool
     valid_size: int  # examples in each stage's validation set
 
     def __post_init__(self) -> None:
-        self.stages = [int(v) for v in self.stages]
-        if self.key is not None:
-            _choice("trainer.curriculum.key", self.key, CURRICULUM_KEYS)
-        if self.key is None and self.stages:
+        if isinstance(self.key, (list, tuple)):
+            self.key = [str(k) for k in self.key] if len(self.key) > 1 else (str(self.key[0]) if self.key else None)
+        for key in self.keys:
+            _choice("trainer.curriculum.key", key, CURRICULUM_KEYS)
+        if len(set(self.keys)) < len(self.keys):
+            raise ConfigError("trainer.curriculum.key", f"names a key twice: {self.key}")
+        if not self.keys and self.stages:
             raise ConfigError("trainer.curriculum.key", f"stages {self.stages} need a key: one of "
                               f"{', '.join(CURRICULUM_KEYS)}")  # fmt: skip
-        if self.key is not None and not self.stages:
+        if self.keys and not self.stages:
             raise ConfigError("trainer.curriculum.stages", "an empty list; give the values before the task's own, e.g. "
                               "[1,2,3] (or key=null: no curriculum)")  # fmt: skip
-        if any(v < 1 for v in self.stages) or any(b <= a for a, b in zip(self.stages, self.stages[1:])):
-            raise ConfigError("trainer.curriculum.stages", f"must be increasing values >= 1, got {self.stages}")
+        self.stages = [self._stage(v) for v in self.stages]
+        values = self.stage_values
+        if any(v < 1 for stage in values for v in stage):
+            raise ConfigError("trainer.curriculum.stages", f"must be values >= 1, got {self.stages}")
+        if any(b == a or any(y < x for x, y in zip(a, b)) for a, b in zip(values, values[1:])):
+            rise = "increasing" if len(self.keys) == 1 else "rising stage by stage (no key falling, none repeated)"
+            raise ConfigError("trainer.curriculum.stages", f"must be {rise}, got {self.stages}")
         _in_range("trainer.curriculum.threshold", self.threshold, 0.0, 1.0)
         if self.max_stage_steps is not None:
             _at_least("trainer.curriculum.max_stage_steps", self.max_stage_steps, 1)
         _at_least("trainer.curriculum.valid_size", self.valid_size, 1)
 
+    def _stage(self, value):
+        """One stage as given: an int for one key, a list of one int per key for several."""
+        several = len(self.keys) > 1
+        if several != isinstance(value, (list, tuple)) or (several and len(value) != len(self.keys)):
+            shape = f"a list of {len(self.keys)} values ({', '.join(self.keys)})" if several else "an integer"
+            raise ConfigError("trainer.curriculum.stages", f"each stage is {shape}, got {value!r}")
+        try:
+            return [int(v) for v in value] if several else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError("trainer.curriculum.stages", f"values must be integers, got {value!r}") from None
+
     @property
     def on(self) -> bool:
         return self.key is not None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys a stage sets: none, one, or several."""
+        return () if self.key is None else (self.key,) if isinstance(self.key, str) else tuple(self.key)
+
+    @property
+    def stage_values(self) -> list[tuple[int, ...]]:
+        """Each stage's values, one per key."""
+        return [tuple(v) if isinstance(v, list) else (v,) for v in self.stages]
 
     def settings(self, task: TaskConfig | LMTaskConfig) -> list[TaskConfig]:
         """Every stage's task config, the task's own last. Raises ConfigError for a schedule the task cannot run."""
@@ -459,19 +514,25 @@ class CurriculumConfig:
                 f"task {task.name} has no curriculum (it varies copy, reverse, retrieval and facts); "
                 "use trainer.curriculum.key=null",
             )
-        if self.key not in task.curriculum_keys:
-            raise ConfigError("trainer.curriculum.key", f"'{self.key}' is not a key task {task.name} can vary; "
-                              f"choose one of: {', '.join(task.curriculum_keys)}")  # fmt: skip
-        final = task.key_value[self.key]
-        if self.stages[-1] > final:
-            raise ConfigError("trainer.curriculum.stages", f"{self.stages[-1]} is past the task's own {self.key} "
-                              f"{final} (the last stage); stages must stay at or below it")  # fmt: skip
+        for key in self.keys:
+            if key not in task.curriculum_keys:
+                raise ConfigError("trainer.curriculum.key", f"'{key}' is not a key task {task.name} can vary; "
+                                  f"choose one of: {', '.join(task.curriculum_keys)}")  # fmt: skip
+        final = tuple(task.key_value[key] for key in self.keys)
+        for stage in self.stage_values:
+            past = [f"{k} {v} > {f}" for k, v, f in zip(self.keys, stage, final) if v > f]
+            if past:
+                raise ConfigError("trainer.curriculum.stages", f"stage {list(stage) if len(stage) > 1 else stage[0]} "
+                                  f"is past the task's own setting ({', '.join(past)}); stages must stay at or below "
+                                  "it")  # fmt: skip
         out = []
-        for value in (v for v in self.stages if v < final):
+        for stage in (s for s in self.stage_values if s != final):
+            named = dict(zip(self.keys, stage))
             try:
-                out.append(task.at(self.key, value))
+                out.append(task.at(named))
             except ConfigError as exc:
-                raise ConfigError("trainer.curriculum.stages", f"stage {self.key}={value}: {exc}") from None
+                shown = ", ".join(f"{k}={v}" for k, v in named.items())
+                raise ConfigError("trainer.curriculum.stages", f"stage {shown}: {exc}") from None
         return [*out, task]
 
 
@@ -615,6 +676,13 @@ class RunConfig:
         if self.model.name == "rmt" and self.model.num_mem_tokens == 0:
             raise ConfigError("mem", "model=rmt needs memory tokens: mem >= 1 (with mem=0 it is model=vanilla)")
         self.trainer.curriculum.settings(self.task)  # a schedule the task cannot run is one line here
+        if self.model.hf_name is not None and self.model.hf_kind == "encoder":
+            # an encoder sees the whole segment: it can only answer one token at the sequence's end (models/hf.py)
+            one_answer = self.task.name in ("retrieval", "facts") and not getattr(self.task, "pad_end", 0)
+            if not one_answer:
+                raise ConfigError("model.hf_kind", f"an encoder sees the whole segment, so it answers one token at the "
+                                  f"end: task retrieval (pad_side front) or facts, not {self.task.name}; use "
+                                  "model.hf_kind=decoder")  # fmt: skip
 
 
 def marked_keys(mark_name: str, value: bool, cls=None, prefix: str = "") -> tuple[str, ...]:

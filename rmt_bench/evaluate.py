@@ -80,7 +80,7 @@ def grid(run_dirs: list[Path], key: str, values: list[int], examples: int, batch
         autocast = precision_of(run_dir / "summary.json")
         trained = cfg.task.key_value[key]
         for value in values:
-            setting = cfg.task if value == trained else cfg.task.at(key, value)
+            setting = cfg.task if value == trained else cfg.task.at({key: value})
             if hasattr(own, "evaluate_long"):  # streamed segment by segment: any length, flat memory
                 long = own.evaluate_long(model, value, examples, batch_size, autocast)
                 metrics = {"acc": long.pop("acc")} | long

@@ -46,7 +46,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
 def open_run(run_dir: Path, overrides: list[str] = (), device: str = "cpu"):
     """-> (RunConfig with the overrides, the task built at that setting, the model with the tested weights, eval
     mode). The task's name cannot change: weights of one task do not read another's vocabulary."""
-    from rmt_bench.models import build_model
+    from rmt_bench.models import build_model, check_segments
     from rmt_bench.tasks import build_task
     from rmt_bench.train.checkpoint import read_checkpoint
 
@@ -57,6 +57,7 @@ def open_run(run_dir: Path, overrides: list[str] = (), device: str = "cpu"):
     cfg: RunConfig = run_config_from_dict(data)
     task = build_task(cfg.task, device)
     model = build_model(cfg.model, task.vocab_size, task.pad_front)
+    check_segments(model, cfg.task.segment_len, getattr(cfg.task, "eval_segment_len", None))
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {CHECKPOINT_FILE} (the run did not checkpoint)")

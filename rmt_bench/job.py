@@ -20,7 +20,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, choices: dict | Non
     import torch
 
     from rmt_bench.logging import NullLogger, RunLogger
-    from rmt_bench.models import build_model
+    from rmt_bench.models import build_model, check_segments
     from rmt_bench.tasks import build_task
     from rmt_bench.train import distributed
     from rmt_bench.train.loop import fit, resolve_device
@@ -41,6 +41,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, choices: dict | Non
     dist.broadcast(None)  # the others read the corpus cache (LM) once rank 0 has written it
     task = task if task is not None else build_task(cfg.task, device)
     model = build_model(cfg.model, task.vocab_size, task.pad_front)  # the same initial weights on every rank
+    check_segments(model, cfg.task.segment_len, getattr(cfg.task, "eval_segment_len", None))
     if dist.rank:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # each rank its own dropout stream
     config = asdict(cfg) | ({"choices": choices} if choices else {})

@@ -4,6 +4,7 @@ stage in the metrics / summary / checkpoint, an exact resume mid-stage, bad sche
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import pytest
@@ -33,21 +34,58 @@ def test_stages_vary_the_key_and_the_segment_length_follows():
     assert [c.num_pairs for c in same] == [2, 4]
 
 
+def test_several_keys_name_the_sequence_and_the_segment_count():
+    # the pairs at 2 segments, then the segments at the task's 4 pairs: the segment length follows (10 tokens)
+    cfg = CurriculumConfig(key=["num_pairs", "segments"], stages=[[1, 2], [2, 2], [4, 2], [4, 3]])
+    stages = cfg.settings(tiny_task("retrieval", segments=4))
+    assert [(c.num_pairs, c.segments, c.segment_len, c.pad_front) for c in stages] == [
+        (1, 2, 2, 0), (2, 2, 3, 0), (4, 2, 5, 0), (4, 3, 4, 2), (4, 4, 3, 2)
+    ]  # fmt: skip
+    cur = Curriculum(cfg, build_task(tiny_task("retrieval", segments=4)))
+    assert cur.values(2) == {"num_pairs": 4, "segments": 2} and cur.value(3) == "4,3"
+    assert cur.describe().startswith("num_pairs,segments 1,2 -> 2,2 -> 4,2 -> 4,3 -> 4,4 (next at")
+    # a one-element key list is the one key
+    assert CurriculumConfig(key=["length"], stages=[3]).keys == ("length",)
+
+
 @pytest.mark.parametrize(
     ("cfg", "task", "message"),
     [
         (dict(key="num_pairs", stages=[]), tiny_task("retrieval"), "trainer.curriculum.stages: an empty list"),
-        (dict(key="num_pairs", stages=[2, 5]), tiny_task("retrieval"), "5 is past the task's own num_pairs 4"),
+        (dict(key="num_pairs", stages=[2, 5]), tiny_task("retrieval"), "stage 5 is past the task's own"),
         (dict(key="length", stages=[1]), tiny_task("retrieval"), "'length' is not a key task retrieval can vary"),
         (dict(key="length", stages=[2]), tiny_task("quadratic", segments=6), "task quadratic has no curriculum"),
         (dict(key="segments", stages=[1]), LMTaskConfig(), "task wikitext103 has no curriculum"),
         (dict(key="length", stages=[5]), tiny_task("reverse", length=6, segments=3), "stage length=5: task.segments"),
-        (dict(key="num_pairs", stages=[3, 2]), tiny_task("retrieval"), "must be increasing values >= 1"),
+        (dict(key="num_pairs", stages=[3, 2]), tiny_task("retrieval"), "must be increasing, got [3, 2]"),
+        (dict(key="num_pairs", stages=[0, 2]), tiny_task("retrieval"), "must be values >= 1, got [0, 2]"),
+        # several keys: one value per key in every stage, no key falling, every stage within the task's own
+        (
+            dict(key=["num_pairs", "segments"], stages=[[1, 2], 3]),
+            tiny_task("retrieval", segments=3),
+            "each stage is a list of 2 values (num_pairs, segments), got 3",
+        ),
+        (
+            dict(key=["num_pairs", "segments"], stages=[[2, 2], [1, 3]]),
+            tiny_task("retrieval", segments=3),
+            "must be rising stage by stage (no key falling, none repeated)",
+        ),
+        (
+            dict(key=["num_pairs", "segments"], stages=[[4, 4]]),
+            tiny_task("retrieval", segments=3),
+            "stage [4, 4] is past the task's own setting (segments 4 > 3)",
+        ),
+        (dict(key=["num_pairs", "num_pairs"], stages=[[1, 2]]), tiny_task("retrieval"), "names a key twice"),
+        (
+            dict(key=["length", "segments"], stages=[[5, 3]]),
+            tiny_task("reverse", length=6, segments=3),
+            "stage length=5, segments=3: task.segments: 3 does not divide the reverse sequence of 10 tokens",
+        ),
         (dict(key=None, stages=[1]), tiny_task("retrieval"), "trainer.curriculum.key: stages [1] need a key"),
     ],
 )
 def test_a_bad_schedule_is_one_clear_error(cfg, task, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         CurriculumConfig(**cfg).settings(task)
 
 
@@ -62,7 +100,7 @@ def test_the_next_stage_starts_at_the_threshold_or_the_step_cap():
     st.step = 70
     assert cur.advance(st, 0.1) and (st.stage, st.stage_starts) == (2, [0, 20, 70])
     assert not cur.advance(st, 1.0) and st.stage == 2 == cur.last  # the task's own setting is the last stage
-    assert cur.task(2) is final and cur.value(0) == 1 and cur.value(2) == 4
+    assert cur.task(2) is final and cur.value(0) == "1" and cur.values(2) == {"num_pairs": 4}
 
 
 def test_batches_follow_the_stage_and_depend_on_seed_step_and_stage_only():

@@ -5,7 +5,15 @@ from __future__ import annotations
 from rmt_bench.config import ConfigError, ModelConfig
 from rmt_bench.models.recurrence import RecurrentModel, SegmentState, StreamState, generate_greedy, train_segments
 
-__all__ = ["RecurrentModel", "SegmentState", "StreamState", "build_model", "generate_greedy", "train_segments"]
+__all__ = [
+    "RecurrentModel",
+    "SegmentState",
+    "StreamState",
+    "build_model",
+    "check_segments",
+    "generate_greedy",
+    "train_segments",
+]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, pad_front: int = 0) -> RecurrentModel:
@@ -22,4 +30,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, pad_front: int = 0) -> Recurr
             "model.adaptive_cutoffs",
             f"{cfg.adaptive_cutoffs} must stay below the vocabulary size {vocab}; use [] for a plain softmax",
         )
-    return RecurrentModel(cfg, vocab, pad_front)
+    model = RecurrentModel(cfg, vocab, pad_front)
+    return model
+
+
+def check_segments(model: RecurrentModel, *segment_lens: int | None) -> None:
+    """One line when a segment (memory and special tokens included) does not fit a wrapped model's positions."""
+    limit = getattr(model.backbone, "max_positions", None)
+    for n in (n for n in segment_lens if n):
+        rows = model.segment_rows(n)
+        if limit is not None and rows > limit:
+            raise ConfigError(
+                "task.segment_len",
+                f"a segment of {n} tokens takes {rows} positions with its memory (and special tokens) but "
+                f"{model.cfg.hf_name} has {limit}; use shorter segments or fewer memory tokens",
+            )

@@ -58,6 +58,14 @@ class SoftmaxHead(nn.Module):
         if tied is not None:
             self.proj.weight = tied
 
+    @classmethod
+    def around(cls, proj: nn.Module) -> SoftmaxHead:
+        """The head over a given output layer (a wrapped Hugging Face model's LM head, models/hf.py)."""
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.proj = proj
+        return head
+
     def logits(self, hidden: Tensor) -> Tensor:
         return self.proj(hidden)
 

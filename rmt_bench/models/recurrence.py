@@ -28,6 +28,15 @@ from rmt_bench.models.backbone import Backbone
 from rmt_bench.models.layers import KVBuffer
 
 
+def build_backbone(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """The own Transformer-XL backbone, or a wrapped Hugging Face model (`model.hf_name`, models/hf.py)."""
+    if cfg.hf_name is None:
+        return Backbone(cfg, vocab_size)
+    from rmt_bench.models.hf import HFBackbone  # transformers only when asked for
+
+    return HFBackbone(cfg, vocab_size)
+
+
 @dataclass
 class SegmentState:
     """What one segment hands to the next. `memory` None means the learned initial memory.
@@ -67,6 +76,7 @@ def attention_mask(
     device: torch.device,
     cache_hidden: tuple[int, ...] = (),
     pad: int = 0,
+    causal: bool = True,
 ) -> Tensor:
     """Additive mask (Q, K): 0 where attention is allowed, -inf elsewhere (Sec. 3, Fig. 1c).
 
@@ -75,7 +85,8 @@ def attention_mask(
     block and earlier tokens, never the write block; write rows see everything. `window` > 0 (Transformer-XL
     `same_length`) limits token rows to keys less than `window` positions back, memory excepted. The cache
     columns `cache_hidden` and the first `pad` token columns (front padding) are hidden from every row; a pad
-    row sees only itself.
+    row sees only itself. `causal=False` (a wrapped encoder, `models/hf.py`): every row sees every column but
+    the hidden ones.
     """
     c, mw = cache_len, m if write else 0
     q, k = m + n + mw, cache_len + m + n + mw
@@ -91,6 +102,8 @@ def attention_mask(
         far = (dist >= window) & ~is_memory_col
         allowed[m : m + n] &= ~far[m : m + n]
     allowed[m + n :, :] = True
+    if not causal:
+        allowed[:] = True
     if cache_hidden or pad:
         allowed[:, list(cache_hidden)] = False
         allowed[:, c + m : c + m + pad] = False
@@ -106,14 +119,29 @@ class RecurrentModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.pad_front = pad_front  # padding tokens at the front of every sequence of the task
-        self.backbone = Backbone(cfg, vocab_size)
-        m, d = cfg.num_mem_tokens, cfg.d_model
+        self.backbone = build_backbone(cfg, vocab_size)
+        # an encoder (a wrapped BERT-like model) attends both ways and has no write block: the read rows'
+        # outputs are the next memory (the follow-up's layout, models/hf.py)
+        self.bidirectional = getattr(self.backbone, "bidirectional", False)
+        m = cfg.num_mem_tokens
         # distinct initial slots (the public code's were identical), at the scale of the scaled embeddings
-        self.memory = nn.Parameter(torch.randn(m, d) * cfg.init_std * math.sqrt(d)) if m else None
+        self.memory = nn.Parameter(self._slots(m)) if m else None
         # optional: a learned per-slot vector added to the carried memory when it is read (not the paper's)
-        self.read_memory_emb = (
-            nn.Parameter(torch.randn(m, d) * cfg.init_std * math.sqrt(d)) if cfg.read_memory_emb else None
-        )
+        self.read_memory_emb = nn.Parameter(self._slots(m)) if cfg.read_memory_emb else None
+
+    def _slots(self, m: int) -> Tensor:
+        """(m, d) random vectors at the scale of the token embeddings (own backbone: init_std x sqrt(d))."""
+        if isinstance(self.backbone, Backbone):
+            d = self.cfg.d_model
+            return torch.randn(m, d) * self.cfg.init_std * math.sqrt(d)
+        return torch.randn(m, self.backbone.d_model) * self.backbone.memory_scale
+
+    def segment_rows(self, n: int) -> int:
+        """Positions one segment of n tokens takes in the backbone (memory and a wrapped encoder's special tokens)."""
+        m = self.cfg.num_mem_tokens
+        if self.bidirectional:
+            return m + n + 3
+        return m + n + (m if self.cfg.recurrent_memory else 0)
 
     @property
     def head(self):
@@ -142,13 +170,15 @@ class RecurrentModel(nn.Module):
         """
         m, n = self.cfg.num_mem_tokens, tokens.shape[1]
         write = write and self.writes(state)
+        block = write and not self.bidirectional  # the write block's rows
         read = self._read_memory(state, tokens.shape[0])
         h = self.backbone.embed_tokens(tokens)  # (B, n, d)
         if m:
-            h = torch.cat([read.to(h.dtype), h] + ([read.to(h.dtype)] if write else []), dim=1)  # (B, Q, d)
-        mask = self._mask(n, write, state, tokens.device)
+            h = torch.cat([read.to(h.dtype), h] + ([read.to(h.dtype)] if block else []), dim=1)  # (B, Q, d)
+        mask = self._mask(n, block, state, tokens.device)
         out, layer_inputs = self.backbone(h, state.cache, mask, capture=capture)  # (B, Q, d)
-        return out[:, m : m + n], self._next_state(out[:, m + n :] if write else None, layer_inputs, state, n)
+        written = out[:, m + n :] if block else out[:, :m] if write else None  # encoder: the read rows' outputs
+        return out[:, m : m + n], self._next_state(written, layer_inputs, state, n)
 
     def writes(self, state: SegmentState) -> bool:
         """Whether segments carry a write block (RMT's recurrent memory, unless the control resets it)."""
@@ -176,7 +206,7 @@ class RecurrentModel(nn.Module):
         window = self.kept_cache(state) if cfg.same_length else 0
         return attention_mask(
             n, cfg.num_mem_tokens, write, cache_len, cfg.read_mem_from_cache, window, device, state.cache_hidden,
-            min(state.pad, n),
+            min(state.pad, n), not self.bidirectional,
         )  # fmt: skip
 
     def _next_state(
@@ -204,8 +234,11 @@ class RecurrentModel(nn.Module):
         from a prediction runs alone as one query against the keys and values of everything before it (per
         layer), and the rest of the segment as one block; the write block, last, reads the same keys and values
         (write rows see everything). Each block takes its rows of the segment's mask, so the result is the
-        segment's own forward pass: `segment` on the filled tokens, without re-running it.
+        segment's own forward pass: `segment` on the filled tokens, without re-running it. A backbone without
+        such buffers (a wrapped Hugging Face model) re-runs the segment for each generated token instead.
         """
+        if not getattr(self.backbone, "incremental", True):
+            return self._decode_by_rerun(tokens, state, answer)
         m, n = self.cfg.num_mem_tokens, tokens.shape[1]
         read = self._read_memory(state, tokens.shape[0])
         writes = self.writes(state)
@@ -238,6 +271,15 @@ class RecurrentModel(nn.Module):
                 blocks.append(x)
         cache_source = [torch.cat(blocks, 1) for blocks in layer_inputs] if self.kept_cache(state) else []
         return torch.cat(hidden, 1), self._next_state(written, cache_source, state, n)
+
+    def _decode_by_rerun(self, tokens: Tensor, state: SegmentState, answer: Tensor) -> tuple[Tensor, SegmentState]:
+        """`decode_segment` by re-running the segment once per position whose prediction is the next input (the
+        outputs up to t depend on the tokens up to t only), then once more for the state."""
+        for t in answer[:, :-1].any(0).nonzero().flatten().tolist():
+            hidden, _ = self.segment(tokens, state, write=False)
+            pred = self.head.logits(hidden[:, t]).argmax(-1)
+            tokens[:, t + 1] = torch.where(answer[:, t], pred, tokens[:, t + 1])
+        return self.segment(tokens, state)
 
     def forward(
         self, inputs: Tensor, state: SegmentState | None = None, final_state: bool = True

@@ -33,16 +33,21 @@ class Curriculum:
     def last(self) -> int:
         return len(self.settings) - 1
 
-    def value(self, stage: int) -> int:
-        """The curriculum key's value at `stage`."""
-        return self.settings[stage].key_value[self.cfg.key]
+    def values(self, stage: int) -> dict[str, int]:
+        """The curriculum keys' values at `stage`, e.g. {"num_pairs": 4, "segments": 2}."""
+        return {key: self.settings[stage].key_value[key] for key in self.cfg.keys}
+
+    def value(self, stage: int) -> str:
+        """`stage`'s values as text: `3` for one key, `4,2` for several (in the order of `trainer.curriculum.key`)."""
+        return ",".join(str(v) for v in self.values(stage).values())
 
     def describe(self) -> str:
-        """e.g. `num_pairs 1 -> 2 -> 3 -> 4 (next at 0.95, at most 2000 steps a stage)`, for logs and summaries."""
-        values = " -> ".join(str(self.value(i)) for i in range(len(self.settings)))
+        """e.g. `num_pairs 1 -> 2 -> 3 -> 4 (next at 0.95, at most 2000 steps a stage)`, for logs and summaries;
+        several keys: `num_pairs,segments 1,2 -> 2,2 -> ... -> 4,3`."""
+        values = " -> ".join(self.value(i) for i in range(len(self.settings)))
         cap = f", at most {self.cfg.max_stage_steps} steps a stage" if self.cfg.max_stage_steps else ""
         varying = ", varying per batch" if self.cfg.varying else ""
-        return f"{self.cfg.key} {values} (next at {self.cfg.threshold:g}{cap}{varying})"
+        return f"{','.join(self.cfg.keys)} {values} (next at {self.cfg.threshold:g}{cap}{varying})"
 
     def task(self, stage: int) -> AlgorithmicTask:
         """Stage `stage`'s task (train and a `valid_size` validation split), built on first use."""

@@ -333,14 +333,15 @@ def next_stage(run: Run) -> dict:
     """The curriculum's stage validation (at the stage's own setting) and the decision to start the next stage.
     -> what to log beside the validation: `curriculum/stage`, the key's value, the stage's accuracy."""
     ts, curriculum = run.train_state, run.curriculum
-    metrics = {"curriculum/stage": ts.stage, f"curriculum/{curriculum.cfg.key}": curriculum.value(ts.stage)}
+    metrics = {"curriculum/stage": ts.stage} | {f"curriculum/{k}": v for k, v in curriculum.values(ts.stage).items()}
     if ts.stage == curriculum.last:
         return metrics
     stage_val = evaluate(run.model, curriculum.task(ts.stage), "valid", run.cfg.eval_batch_size, run.precision.eval)
     metrics["curriculum/stage_acc"] = stage_val["acc"]
     if ts.step < run.budget and curriculum.advance(ts, stage_val["acc"]):
-        run.logger.info(f"curriculum: stage {ts.stage} ({curriculum.cfg.key}={curriculum.value(ts.stage)}) from step "
-                        f"{ts.step} (the last stage's validation: {stage_val['acc']:.4f})")  # fmt: skip
+        named = ",".join(curriculum.cfg.keys)
+        run.logger.info(f"curriculum: stage {ts.stage} ({named}={curriculum.value(ts.stage)}) from step {ts.step} "
+                        f"(the last stage's validation: {stage_val['acc']:.4f})")  # fmt: skip
     return metrics
 
 
