@@ -41,6 +41,7 @@ ARCHS = ("paper", "trainable")  # backbone styles (configs/arch/*.yaml): they de
 ALGORITHMIC_TASKS = ("copy", "reverse", "retrieval", "quadratic")
 LM_TASKS = ("wikitext103", "enwik8")
 FACTS_TASKS = ("facts",)
+CLASSIFY_TASKS = ("hyperpartisan",)
 FACT_VARIANTS = ("memorize", "detect", "reason")
 LEVELS = ("word", "char")
 PAD_SIDES = ("front", "end")
@@ -435,6 +436,38 @@ class FactsTaskConfig:
 
 
 @dataclass
+@defaults_from(("task/hyperpartisan.yaml", None))
+class ClassifyTaskConfig:
+    """Table 3: long-document classification (Hyperpartisan news, by article; rmt_bench/tasks/hyperpartisan.py).
+    An article in the wrapped model's tokens, cut or padded to `segments` x `segment_len`, its class the one answer
+    at the end; scored by F1 of the positive class (hyperpartisan) and accuracy."""
+
+    name: str
+    data_dir: str | None = mark(hashed=False, resumable=True)  # {train,valid,test}.jsonl: {"text", "label"}
+    tokenizer: str | None  # a Hub name or directory; None: the wrapped model's (model.hf_name)
+    segments: int
+    segment_len: int  # tokens of the article per segment (512 - 10 memory - 3 special = 499 for BERT)
+
+    def __post_init__(self) -> None:
+        _choice("task.name", self.name, CLASSIFY_TASKS)
+        _at_least("task.segments", self.segments, 1)
+        _at_least("task.segment_len", self.segment_len, 2)
+
+    @property
+    def seq_len(self) -> int:
+        return self.segments * self.segment_len
+
+    unpadded_len = seq_len
+    pad_front = pad_end = padding = 0
+    curriculum_keys = ()
+
+    @property
+    def metric(self) -> MetricSpec:
+        """F1 of the positive class (the paper's Table 3), beside the answer accuracy."""
+        return MetricSpec("f1", ANSWER_METRICS | {"f1": True})
+
+
+@dataclass
 @defaults_from(("trainer/_base.yaml", "trainer.curriculum"))
 class CurriculumConfig:
     """Stages of the task before its own setting (PAPER.md: the follow-up and BABILong / ARMT train memory this
@@ -657,7 +690,7 @@ class LoggerConfig:
 @defaults_from(("config.yaml", None), only=("seed", "mem", "resume", "scale"))
 class RunConfig:
     model: ModelConfig
-    task: TaskConfig | LMTaskConfig | FactsTaskConfig
+    task: TaskConfig | LMTaskConfig | FactsTaskConfig | ClassifyTaskConfig
     trainer: TrainerConfig
     logger: LoggerConfig
     seed: int = mark(hashed=False)
@@ -678,11 +711,17 @@ class RunConfig:
         self.trainer.curriculum.settings(self.task)  # a schedule the task cannot run is one line here
         if self.model.hf_name is not None and self.model.hf_kind == "encoder":
             # an encoder sees the whole segment: it can only answer one token at the sequence's end (models/hf.py)
-            one_answer = self.task.name in ("retrieval", "facts") and not getattr(self.task, "pad_end", 0)
+            one_answer = self.task.name in ("retrieval", "facts", *CLASSIFY_TASKS) and not self.task.pad_end
             if not one_answer:
+                tasks = "retrieval (pad_side front), facts or hyperpartisan"
                 raise ConfigError("model.hf_kind", f"an encoder sees the whole segment, so it answers one token at the "
-                                  f"end: task retrieval (pad_side front) or facts, not {self.task.name}; use "
-                                  "model.hf_kind=decoder")  # fmt: skip
+                                  f"end: task {tasks}, not {self.task.name}; use model.hf_kind=decoder")  # fmt: skip
+        if self.task.name in CLASSIFY_TASKS and self.task.tokenizer is None:
+            if self.model.hf_name is None:
+                how = "use backbone=hf (the wrapped model's) or give task.tokenizer=NAME_OR_DIR"
+                raise ConfigError("task.tokenizer", f"task {self.task.name} reads text with a Hugging Face tokenizer: "
+                                  f"{how}")  # fmt: skip
+            self.task.tokenizer = self.model.hf_name
 
 
 def marked_keys(mark_name: str, value: bool, cls=None, prefix: str = "") -> tuple[str, ...]:
@@ -727,6 +766,8 @@ def run_config_from_dict(data: dict) -> RunConfig:
 
 def task_config_class(name: str):
     """The config class of task `name` (algorithmic, language modelling, or the follow-up's facts)."""
+    if name in CLASSIFY_TASKS:
+        return ClassifyTaskConfig
     return LMTaskConfig if name in LM_TASKS else FactsTaskConfig if name in FACTS_TASKS else TaskConfig
 
 

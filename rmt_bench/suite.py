@@ -104,8 +104,8 @@ def cells(data: dict, scale: str, extra: list[str] = ()) -> list[Cell]:
 
 
 def _value(v) -> str:
-    """A cell's value as Hydra reads it back: lists as [a,b], the rest as written."""
-    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, list) else str(v)
+    """A cell's value as Hydra reads it back: lists as [a,b] (nested: [[a,b],[c,d]]), the rest as written."""
+    return "[" + ",".join(map(_value, v)) + "]" if isinstance(v, list) else str(v)
 
 
 def select(todo: list[Cell], data: dict, only: list[str]) -> list[Cell]:

@@ -1,14 +1,20 @@
-"""Prepare language-modelling data from archives you downloaded, for `task.data_dir=DIR`.
+"""Prepare data from files you downloaded, for `task.data_dir=DIR`.
 
     python scripts/prepare_data.py wikitext103 wikitext-103-v1.zip data/wikitext-103
     python scripts/prepare_data.py enwik8 enwik8.zip data/enwik8
     python scripts/prepare_data.py text data/mytext notes1.txt notes2.txt ...
+    python scripts/prepare_data.py hyperpartisan articles-training-byarticle-20181122.xml \
+        ground-truth-training-byarticle-20181122.xml hp-splits.json data/hyperpartisan
 
 wikitext103: extracts wiki.{train,valid,test}.tokens (the tokenised variant with <unk>, as Transformer-XL).
 enwik8: the first 90M bytes train, the next 5M valid, the last 5M test, written as Transformer-XL's prep_enwik8
 layout: byte values separated by spaces, a line break where the text has one.
 text: any plain-text files, lines in order, cut 90/5/5 into wiki.{train,valid,test}.tokens (words are what
 whitespace separates); as WikiText, words seen fewer than --min-count times in train become <unk> everywhere.
+hyperpartisan (Table 3): the by-article articles and ground truth of SemEval 2019 task 4 (zenodo.org/record/
+1489920, unzipped) and Longformer's split file (allenai/longformer, scripts/hp-splits.json: article ids for train
+516 / dev 64 / test 65) -> {train,valid,test}.jsonl, one {"id", "text", "label"} per line (label 1: hyperpartisan);
+the text is the article's text with its whitespace collapsed (no further cleaning).
 Nothing is downloaded here; the archives come from the datasets' official pages.
 """
 
@@ -58,6 +64,29 @@ def prepare_text(files: list[Path], out: Path, min_count: int = 3) -> None:
         print(f"wrote {out / f'wiki.{split}.tokens'} ({sum(len(x.split()) for x in part):,} words)")
 
 
+def prepare_hyperpartisan(articles: Path, truth: Path, splits: Path, out: Path) -> None:
+    import json
+    import xml.etree.ElementTree as ET
+
+    texts = {
+        int(a.attrib["id"]): " ".join(ET.tostring(a, method="text", encoding="unicode").split())
+        for a in ET.parse(articles).getroot().iter("article")
+    }
+    truths = ET.parse(truth).getroot().iter("article")
+    labels = {int(a.attrib["id"]): a.attrib["hyperpartisan"] == "true" for a in truths}
+    if texts.keys() != labels.keys():
+        sys.exit(f"error: {articles} and {truth} hold different article ids")
+    for split, ids in json.loads(splits.read_text()).items():
+        name = {"dev": "valid"}.get(split, split)
+        missing = [i for i in ids if i not in texts]
+        if missing:
+            sys.exit(f"error: {splits}: {split} names ids not in {articles} (e.g. {missing[0]})")
+        rows = [json.dumps({"id": i, "text": texts[i], "label": int(labels[i])}) for i in ids]
+        (out / f"{name}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        positive = sum(labels[i] for i in ids)
+        print(f"wrote {out / f'{name}.jsonl'} ({len(ids)} articles, {positive} hyperpartisan)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="dataset", required=True)
@@ -69,14 +98,20 @@ def main() -> None:
     p.add_argument("out_dir", type=Path)
     p.add_argument("files", type=Path, nargs="+")
     p.add_argument("--min-count", type=int, default=3)
+    p = sub.add_parser("hyperpartisan")
+    for name in ("articles", "ground_truth", "splits", "out_dir"):
+        p.add_argument(name, type=Path)
     args = parser.parse_args()
-    sources = args.files if args.dataset == "text" else [args.archive]
+    sources = {"text": getattr(args, "files", None), "hyperpartisan": [getattr(args, k, None) for k in
+               ("articles", "ground_truth", "splits")]}.get(args.dataset) or [args.archive]  # fmt: skip
     for path in sources:
         if not path.is_file():
             sys.exit(f"error: {path} does not exist")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.dataset == "text":
         prepare_text(args.files, args.out_dir, args.min_count)
+    elif args.dataset == "hyperpartisan":
+        prepare_hyperpartisan(args.articles, args.ground_truth, args.splits, args.out_dir)
     else:
         (prepare_wikitext if args.dataset == "wikitext103" else prepare_enwik8)(args.archive, args.out_dir)
 

@@ -5,6 +5,7 @@ temporary directory and loaded by path: nothing is downloaded."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from rmt_bench.models import build_model, check_segments, generate_greedy
 from rmt_bench.models.recurrence import attention_mask
 from rmt_bench.tasks import build_task
 from rmt_bench.train.loop import fit
-from tests.helpers import TINY, assert_same_run, interrupted_then_resumed, run_cli, tiny_task
+from tests.helpers import TINY, assert_same_run, compose_cfg, interrupted_then_resumed, run_cli, tiny_task
 
 VOCAB = 16
 SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -209,14 +210,14 @@ def test_the_command_line_trains_a_wrapped_model_and_resumes_it_exactly(saved, t
     [
         (
             ["model.hf_name=/nonexistent/model"],
-            "model.hf_name: /nonexistent/model: not a local directory and not in the Hugging Face cache",
+            "model.hf_name: /nonexistent/model is not a directory (a model saved with save_pretrained)",
         ),  # fmt: skip
         (["model.hf_kind=seq2seq"], "model.hf_kind: 'seq2seq' is not allowed; choose one of: decoder, encoder"),
         (["model=xl", "mem=2"], "model.mem_len: a wrapped Hugging Face model has no Transformer-XL cache"),
         (
             ["model.hf_kind=encoder"],
             "model.hf_kind: an encoder sees the whole segment, so it answers one token at the "
-            "end: task retrieval (pad_side front) or facts, not reverse",
+            "end: task retrieval (pad_side front), facts or hyperpartisan, not reverse",
         ),  # fmt: skip
         (["task.length=40", "task.segments=1"], "task.segment_len: a segment of 80 tokens takes 84 positions"),
     ],
@@ -240,3 +241,20 @@ def test_a_segment_must_fit_the_wrapped_models_positions(saved):
     with pytest.raises(ConfigError, match="a segment of 57 tokens takes 65 positions"):
         check_segments(model, 57)
     assert wrapped(saved, "bert", "rmt", 4).segment_rows(10) == 4 + 10 + 3
+
+
+@pytest.mark.parametrize("experiment", ["facts_bert", "table3_hyperpartisan"])
+def test_the_pretrained_presets_fill_512_positions_of_a_bert(experiment, tmp_path):
+    """The follow-up's layout and Table 3's: 10 memory + [CLS] + 2 [SEP] + 499 tokens = BERT's 512 positions."""
+    from rmt_bench.cli import to_run_config
+    from rmt_bench.models.hf import make_tiny
+
+    data = ["task.data_dir=/data"] if experiment.startswith("table3") else []
+    cfg = to_run_config(compose_cfg([f"experiment={experiment}", *data]))
+    assert (cfg.model.hf_name, cfg.model.hf_kind, cfg.model.num_mem_tokens) == ("bert-base-cased", "encoder", 10)
+    assert cfg.task.segment_len == 499 and cfg.trainer.lr == 2e-5
+    local = make_tiny("bert", tmp_path / "bert", ["a b c"], vocab_size=10)
+    model = build_model(ModelConfig(**(asdict(cfg.model) | {"hf_name": str(local)})), 20)
+    check_segments(model, 499)
+    with pytest.raises(ConfigError, match="a segment of 500 tokens takes 513 positions"):
+        check_segments(model, 500)

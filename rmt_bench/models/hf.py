@@ -46,25 +46,31 @@ def _transformers():
     return transformers
 
 
-def load_pretrained(name: str, kind: str):
-    """`from_pretrained` of a local directory or a Hub name, failing at once with one line when it is not there
-    (no network: the Hub is probed first, and offline mode reads only the local cache)."""
+def load_pretrained(name: str, kind: str, key: str = "model.hf_name"):
+    """`from_pretrained` of a local directory or a Hub name: a `decoder` (a causal LM), an `encoder` (the base model)
+    or a `tokenizer`. Fails at once with one line naming `key` when it is not there (no network: the Hub is probed
+    first, and offline mode reads only the local cache)."""
     tf = _transformers()
     local = Path(name).expanduser()
+    if not local.is_dir() and name.startswith(("/", ".", "~")):  # a path, not a Hub id (`org/name`)
+        raise ConfigError(key, f"{name} is not a directory (a model saved with save_pretrained)")
     if not local.is_dir():
         from rmt_bench.net import reachable
 
         if os.environ.get("HF_HUB_OFFLINE") != "1" and not reachable(os.environ.get("HF_ENDPOINT", HUB)):
             os.environ["HF_HUB_OFFLINE"] = "1"  # the cache only, no retries
-    auto = tf.AutoModelForCausalLM if kind == "decoder" else tf.AutoModel
+    source = str(local) if local.is_dir() else name
     try:
-        return auto.from_pretrained(str(local) if local.is_dir() else name, attn_implementation="sdpa")
+        if kind == "tokenizer":
+            return tf.AutoTokenizer.from_pretrained(source)
+        auto = tf.AutoModelForCausalLM if kind == "decoder" else tf.AutoModel
+        return auto.from_pretrained(source, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
         if local.is_dir():
             what = str(exc).splitlines()[0]
-            raise ConfigError("model.hf_name", f"{name}: cannot load a {kind} from this directory ({what})") from None
+            raise ConfigError(key, f"{name}: cannot load a {kind} from this directory ({what})") from None
         raise ConfigError(
-            "model.hf_name",
+            key,
             f"{name}: not a local directory and not in the Hugging Face cache (offline or not on the Hub); download "
             f"it where there is network (huggingface-cli download {name}) or give a directory saved with "
             "save_pretrained",
@@ -161,3 +167,36 @@ class HFBackbone(nn.Module):
 
 
 __all__ = ["HFBackbone", "load_pretrained"]
+
+
+def make_tiny(family: str, out: Path, texts: list[str], vocab_size: int = 2000, width: int = 64) -> Path:
+    """A small random model of `family` (`bert`: an encoder; `gpt2`: a decoder) with a word-level tokenizer built
+    from `texts`, saved with save_pretrained into `out`: the offline stand-in for a Hub model (the CPU scale of
+    Table 3, the tests). 2 layers of `width`, 4 heads, 512 positions, init std sqrt(2 / (5 width)) (at the usual
+    0.02 a small random model's memory reads a near-uniform average: docs/ARCHITECTURE.md, Backbone style)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from rmt_bench.config import width_std
+
+    tf = _transformers()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=special))
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                      cls_token="[CLS]", sep_token="[SEP]")  # fmt: skip
+    sizes = dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * width,
+                 initializer_range=width_std(width), max_position_embeddings=512)  # fmt: skip
+    if family == "bert":
+        model = tf.BertModel(tf.BertConfig(vocab_size=len(fast), pad_token_id=0, **sizes))
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=len(fast), n_positions=512, n_embd=width, n_layer=2, n_head=4,
+                            initializer_range=width_std(width), bos_token_id=2, eos_token_id=3)  # fmt: skip
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        raise ConfigError("family", f"'{family}': choose bert or gpt2")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out

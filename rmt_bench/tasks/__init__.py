@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from rmt_bench.config import FactsTaskConfig, LMTaskConfig, MetricSpec, TaskConfig
+from rmt_bench.config import ClassifyTaskConfig, FactsTaskConfig, LMTaskConfig, MetricSpec, TaskConfig
 from rmt_bench.models import StreamState
 from rmt_bench.tasks.algorithmic import AlgorithmicTask, Batch
 
@@ -40,7 +40,7 @@ class Task(Protocol):
 
 
 def build_task(
-    cfg: TaskConfig | LMTaskConfig | FactsTaskConfig,
+    cfg: TaskConfig | LMTaskConfig | FactsTaskConfig | ClassifyTaskConfig,
     device: torch.device | str = "cpu",
     splits=("train", "valid", "test"),
 ):
@@ -53,4 +53,8 @@ def build_task(
         from rmt_bench.tasks.facts import FactsTask
 
         return FactsTask(cfg, device, splits)
+    if isinstance(cfg, ClassifyTaskConfig):
+        from rmt_bench.tasks.hyperpartisan import HyperpartisanTask
+
+        return HyperpartisanTask(cfg, device, splits)
     return AlgorithmicTask(cfg, device, splits)
