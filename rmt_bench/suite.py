@@ -49,6 +49,7 @@ class Cell:
     keys: dict  # the cell's own keys and values, as in the benchmark file
     x: object = None  # the figure's x for this cell, if the file gives one (else the value of the file's `x` key)
     split: str | None = None  # a label of how the cell splits the task (a series of its own in the report)
+    settings: tuple[str, ...] = ()  # the benchmark file's overrides of the cell (no command-line ones)
 
     def run_dir(self, root: Path) -> Path:
         return root / self.name / f"seed{self.seed}"
@@ -98,8 +99,9 @@ def cells(data: dict, scale: str, extra: list[str] = ()) -> list[Cell]:
         for override in (o for layer in layers for o in layer):
             merged.pop(_key(override), None)
             merged[_key(override)] = override
-        out += [Cell(name, list(merged.values()), seed, spec.get("paper"), own, spec.get("x"), spec.get("split"))
-                for seed in spec.get("seeds", data["seeds"])]  # fmt: skip
+        settings = tuple(o for o in merged.values() if o in {x for layer in layers[:-1] for x in layer})
+        out += [Cell(name, list(merged.values()), seed, spec.get("paper"), own, spec.get("x"), spec.get("split"),
+                     settings) for seed in spec.get("seeds", data["seeds"])]  # fmt: skip
     return out
 
 
@@ -123,11 +125,21 @@ def select(todo: list[Cell], data: dict, only: list[str]) -> list[Cell]:
 
 
 def status(cell: Cell, root: Path) -> str:
-    """finished (summary.json), partial (a checkpoint only) or new."""
+    """finished (summary.json), partial (a checkpoint only) or new; stale: finished with other settings than the
+    benchmark file gives the cell now (its .hydra/overrides.yaml), so its result is not this file's."""
     d = cell.run_dir(root)
     if (d / "summary.json").exists():
-        return "finished"
+        return "stale" if changed_settings(cell, d) else "finished"
     return "partial" if (d / "checkpoint.pt").exists() else "new"
+
+
+def changed_settings(cell: Cell, run_dir: Path) -> list[str]:
+    """The cell's overrides of the benchmark file that its finished run did not have (as `key=now (then: was)`)."""
+    recorded_file = run_dir / ".hydra" / "overrides.yaml"
+    if not recorded_file.is_file():
+        return []
+    recorded = {_key(o): o for o in yaml.safe_load(recorded_file.read_text()) or []}
+    return [f"{o} (then: {recorded.get(_key(o), 'not set')})" for o in cell.settings if recorded.get(_key(o)) != o]
 
 
 def command(cell: Cell, root: Path, threads: int | None) -> list[str]:
@@ -198,6 +210,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     root = Path(args.out) / name / args.scale
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    stale = [c for c in todo if status(c, root) == "stale"]
+    if stale and not args.dry_run:
+        for c in stale:
+            print(f"error: cell {c.name} seed {c.seed}: finished with other settings than the benchmark's now: "
+                  f"{'; '.join(changed_settings(c, c.run_dir(root)))}; move {c.run_dir(root)} away (or use another "
+                  "--out) to run it again", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     pending = [c for c in todo if status(c, root) != "finished"]
     total = len(todo)
     if data.get("note"):

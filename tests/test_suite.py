@@ -108,6 +108,28 @@ def test_cells_run_once_in_stable_directories_and_a_partial_cell_resumes(tmp_pat
     assert "0 to run" in run_suite(bench, "--out", tmp_path / "out", cwd=tmp_path).stdout
 
 
+def test_a_cell_finished_with_other_settings_is_named_not_taken_as_this_files_result(tmp_path):
+    """Editing a benchmark's scale (here the cell's extra for cpu) leaves the finished run of the old settings in
+    the cell's directory: the suite says so and runs nothing, instead of reporting the old run as the new cell's."""
+    bench = write_benchmark(tmp_path, [{"model": "vanilla", "paper": 0.1}])
+    assert run_suite(bench, "--out", tmp_path / "out", cwd=tmp_path).returncode == 0
+    data = yaml.safe_load(bench.read_text())
+    data["cells"][0]["extra"] = {"cpu": ["trainer.lr=0.01"]}
+    bench.write_text(yaml.safe_dump(data, sort_keys=False))
+    res = run_suite(bench, "--out", tmp_path / "out", "trainer.num_threads=1", cwd=tmp_path)
+    run_dir = tmp_path / "out" / "tiny_bench" / "cpu" / "model=vanilla" / "seed0"
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        f"error: cell model=vanilla seed 0: finished with other settings than the benchmark's now: trainer.lr=0.01 "
+        f"(then: not set); move {run_dir} away (or use another --out) to run it again"
+    )
+    # a command-line override is not the benchmark's: the unchanged cell stays finished under it
+    data["cells"][0].pop("extra")
+    bench.write_text(yaml.safe_dump(data, sort_keys=False))
+    again = run_suite(bench, "--out", tmp_path / "out", "trainer.num_threads=1", cwd=tmp_path)
+    assert again.returncode == 0 and "1 finished, 0 to run" in again.stdout
+
+
 def test_bad_cells_are_all_named_before_anything_runs(tmp_path):
     cells = [{"model": "rmt", "model.n_layer": 0, "paper": 1.0}, {"model": "xl", "model.d_model": -4, "paper": 1.0}]
     res = run_suite(write_benchmark(tmp_path, cells), "--out", tmp_path / "out", cwd=tmp_path)
