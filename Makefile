@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 # CPU torch first on a machine without CUDA (a pinned release, so pip does not pull a multi-GB CUDA build
 # into an empty venv), then the package with its dev tools, the peers `scripts/bench.py peers` compares
 # against (the `bench` extra, installed against the torch already there; the package never imports them) and
-# `transformers` for backbone=hf (the `hf` extra, which its tests need).
+# `transformers` for backbone=hf (the `hf` extra) and `rdata` for prepare_data.py austen (`data`), which tests need.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[dev,bench,report,sweep,hf]"
+	$(PY) -m pip install --quiet -e ".[dev,bench,report,sweep,hf,data]"
 	@touch $@
 
 run: install

@@ -327,3 +327,58 @@ def test_perplexity_by_position_and_by_document_segment_equal_a_direct_count(tmp
     assert [x for x in got["ppl_by_doc_segment"] if x] == pytest.approx([x for x in expected_doc if x], rel=1e-5)
     all_nll = [v for vs in pos.values() for v in vs]
     assert got["ppl"] == pytest.approx(mean(all_nll), rel=1e-6)
+
+
+def write_r_package(folder: Path, novels: dict[str, list[str]]) -> Path:
+    """An R package's lazy-load data base as R writes one (data/Rdata.rdx, data/Rdata.rdb), with `rdata`."""
+    import gzip
+    import zlib
+
+    from rdata.conversion import convert_python_to_r_data
+    from rdata.unparser import unparse_data
+
+    def serialise(obj) -> bytes:  # R's serialize(): "X\n", then XDR
+        return unparse_data(convert_python_to_r_data(obj), file_format="xdr", file_type="rds")
+
+    blobs, offsets, at = [], {}, 0
+    for name, lines in novels.items():
+        raw = serialise(np.array(lines))
+        blob = len(raw).to_bytes(4, "big") + zlib.compress(raw)
+        offsets[name] = np.array([at, len(blob)], dtype=np.int32)
+        blobs.append(blob)
+        at += len(blob)
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "Rdata.rdb").write_bytes(b"".join(blobs))
+    (folder / "data" / "Rdata.rdx").write_bytes(gzip.compress(serialise({"variables": offsets})))
+    return folder
+
+
+def test_austen_chapters_become_wikitext_documents_split_by_index(tmp_path):
+    """prepare_data.py austen: the novels of an R package's data base, one document per chapter under a WikiText
+    heading (so the loader finds the boundaries), words and punctuation apart, chapters 0, 20, ... test and 10,
+    30, ... valid, rare words <unk>; then task=wikitext103 reads it with a document start at each chapter."""
+    import subprocess
+    import sys
+
+    novel = ["EMMA", "", "By Jane Austen", ""]
+    for k in range(25):
+        novel += [f"CHAPTER {k + 1}", "", f"Emma Woodhouse, chapter {k}, was", "handsome and clever.", ""]
+        novel += ["Mr. Knightley."]
+    pkg = write_r_package(tmp_path / "janeaustenr", {"emma": novel, "persuasion": ["Persuasion", "", "Chapter 1", "",
+                                                                                   "Anne Elliot."]})  # fmt: skip
+    script = Path(__file__).resolve().parent.parent / "scripts" / "prepare_data.py"
+    res = subprocess.run([sys.executable, str(script), "austen", str(pkg), str(tmp_path / "out")], capture_output=True,
+                         text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    test = (tmp_path / "out" / "wiki.test.tokens").read_text().splitlines()
+    assert test[:5] == ["", " = Emma , CHAPTER 1 = ", "", " Emma Woodhouse , chapter <unk> , was handsome and clever .",
+                        " Mr . Knightley ."]  # fmt: skip
+    assert [x for x in test if x.startswith(" = ")] == [" = Emma , CHAPTER 1 = ", " = Emma , CHAPTER 21 = "]
+    valid = (tmp_path / "out" / "wiki.valid.tokens").read_text()
+    assert valid.count(" = Emma , CHAPTER") == 1 and " = Emma , CHAPTER 11 = " in valid
+    train = (tmp_path / "out" / "wiki.train.tokens").read_text()
+    assert train.count(" = Emma , CHAPTER") == 22 and " = Persuasion , Chapter 1 = " in train
+    assert "By Jane Austen" not in train + valid  # the title page is no chapter
+    task = build_task(LMTaskConfig(data_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), segment_len=8))
+    # the stream's start, then each chapter's heading (the first one after the file's opening blank line)
+    assert len(task.document_starts("train")) == 1 + 23 and len(task.document_starts("test")) == 1 + 2
