@@ -73,6 +73,7 @@ class HyperpartisanTask(AlgorithmicTask):
         if not data_dir.is_dir():
             raise ConfigError("task.data_dir", f"{cfg.data_dir} is not a directory")
         self.cfg, self.name, self.metric = cfg, cfg.name, cfg.metric
+        texts = {split: read_split(data_dir, split) for split in splits}  # the files first: a missing one is cheap
         tok = load_tokenizer(cfg.tokenizer)
         base = len(tok)
         self.vocab_size = base + len(CLASSES)
@@ -82,9 +83,8 @@ class HyperpartisanTask(AlgorithmicTask):
         self.final_len, self.pad_front = None, 0
         self.segments, self.segment_len = cfg.segments, cfg.segment_len
         self.splits: dict[str, Batch] = {}
-        for split in splits:
-            texts, labels = read_split(data_dir, split)
-            ids = tok(texts, add_special_tokens=False, truncation=True, max_length=cfg.seq_len - 1)["input_ids"]
+        for split, (text, labels) in texts.items():
+            ids = tok(text, add_special_tokens=False, truncation=True, max_length=cfg.seq_len - 1)["input_ids"]
             self.splits[split] = self._batch(ids, labels).to(torch.device(device))
 
     def _batch(self, ids: list[list[int]], labels: list[int]) -> Batch:
