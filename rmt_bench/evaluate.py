@@ -100,16 +100,19 @@ def write_grid(rows: list[dict], out: Path) -> None:
     """eval_grid.md, eval_grid.json and eval_grid.png (accuracy against the value, one line per run)."""
     out.mkdir(parents=True, exist_ok=True)
     key = rows[0]["key"]
-    lines = [f"| run | model | trained {key} | {key} | segments | tokens | greedy acc | 95% interval | examples | "
-             "s / example | peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    seg = key != "segments"  # the segment count as a column of its own, unless it is the grid's key
+    head = ["run", "model", f"trained {key}", key, *(["segments"] if seg else []), "tokens", "greedy acc",
+            "95% interval", "examples", "s / example", "peak MB"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = " (trained)" if r["value"] == r["trained"] else ""
         ci = "-" if "test/ci95" not in r else f"{r['test/ci95'][0]:.3f}-{r['test/ci95'][1]:.3f}"
         timing = [
             f"{r[f'test/{k}']:.3g}" if f"test/{k}" in r else "-" for k in ("seconds_per_example", "peak_memory_mb")
         ]
-        cells = [Path(r["run"]).name, r["model"], r["trained"], f"{r['value']}{mark}", r["segments"],
-                 r["length_tokens"], f"{r['test/acc']:.4f}", ci, r["examples"], *timing]  # fmt: skip
+        segments = [r["segments"]] if seg else []
+        cells = [Path(r["run"]).name, r["model"], r["trained"], f"{r['value']}{mark}", *segments, r["length_tokens"],
+                 f"{r['test/acc']:.4f}", ci, r["examples"], *timing]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     (out / "eval_grid.md").write_text("\n".join(lines) + "\n")
     (out / "eval_grid.json").write_text(json.dumps(rows, indent=2))

@@ -126,6 +126,8 @@ def test_eval_as_trained_gives_the_runs_test_and_other_settings_their_own(tiny_r
     assert grid.returncode == 0, grid.stderr
     rows = json.loads((tmp_path / "g" / "eval_grid.json").read_text())
     assert [(r["value"], r["segments"], r["length_tokens"]) for r in rows] == [(3, 3, 12), (6, 6, 24)]
+    table = (tmp_path / "g" / "eval_grid.md").read_text().splitlines()
+    assert table[0].startswith("| run | model | trained segments | segments | tokens | greedy acc |")  # no twin column
     # the grid's point is the one setting on the same 16 test examples
     same16 = tool("evaluate", tiny_run, "task.segments=6", "task.length=12", "task.test_size=16", cwd=tmp_path)
     assert same16.returncode == 0, same16.stderr
