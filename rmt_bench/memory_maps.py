@@ -128,6 +128,9 @@ def draw(prob: np.ndarray, rows: list[str], cols: list[str], bounds: list[int], 
 def inspect(run_dir: Path, out: Path, examples: int, example: int | None, heads: bool, split: str) -> dict:
     """Captures, draws and saves every map of every segment -> the inspect.json record."""
     cfg, task, model = open_run(run_dir)
+    if cfg.model.hf_name is not None:
+        raise ConfigError("backbone", f"{run_dir} wraps a Hugging Face model (backbone=hf), whose attention "
+                          "probabilities rmt-bench-inspect cannot capture; it reads the own backbone's")  # fmt: skip
     if not hasattr(task, "splits"):
         raise ConfigError("task", f"inspect draws the algorithmic tasks' segments; {task.name} is a stream")
     data = task.splits[split]

@@ -200,6 +200,10 @@ def test_the_command_line_trains_a_wrapped_model_and_resumes_it_exactly(saved, t
     assert res.returncode == 0, res.stderr
     summary = json.loads((full / "summary.json").read_text())
     assert summary["steps"] == 40 and 0.0 <= summary["test/acc"] <= 1.0
+    from tests.test_memory_maps import tool
+
+    inspect = tool("memory_maps", full, "--examples", 4, cwd=tmp_path)  # no capture in a wrapped model: one line
+    assert inspect.returncode == 2 and inspect.stderr.strip().endswith("it reads the own backbone's"), inspect.stderr
     split, _, code, _ = interrupted_then_resumed(args, tmp_path, signal.SIGKILL)
     assert code != 0
     assert_same_run(full, split)
