@@ -80,9 +80,9 @@ def summary_line(s: dict) -> str:
     and teacher-forced answer accuracies, the memory-reset control, the best validation, steps, speed, memory."""
     key = s["metric"]
     test = f"test {key} {s[f'test/{key}']:.4f}"
-    if key == "final_exact":
+    if key in ("final_exact", "f1"):
         test += f" acc {s['test/acc']:.4f}"
-    if "test/acc_tf" in s:
+    if "test/acc_tf" in s and key != "f1":  # one answer token: greedy, teacher-forced and exact are the same
         test += f" (greedy) acc_tf {s['test/acc_tf']:.4f} exact {s['test/exact']:.4f}"
     if "test_memory_reset/acc" in s:
         test += f" | memory reset: acc {s['test_memory_reset/acc']:.4f}"

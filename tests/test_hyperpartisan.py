@@ -112,7 +112,9 @@ def test_the_command_line_trains_and_tests_table3s_task_with_a_local_model(data,
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["metric"] == "f1" and summary["higher_is_better"] is True
     assert 0.0 <= summary["test/f1"] <= 1.0 and "test_memory_reset/f1" in summary
-    assert "hyperpartisan rmt mem=2 segments=2" in res.stdout
+    f1, acc = summary["test/f1"], summary["test/acc"]
+    line = f"hyperpartisan rmt mem=2 segments=2 seed=0 | test f1 {f1:.4f} acc {acc:.4f} |"
+    assert line in res.stdout
 
 
 def test_prepare_data_reads_the_official_files_and_longformers_split(tmp_path):
