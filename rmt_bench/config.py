@@ -436,7 +436,7 @@ class FactsTaskConfig:
 
 
 @dataclass
-@defaults_from(("task/hyperpartisan.yaml", None))
+@defaults_from(("task/_classify_base.yaml", None))
 class ClassifyTaskConfig:
     """Table 3: long-document classification (Hyperpartisan news, by article; rmt_bench/tasks/hyperpartisan.py).
     An article in the wrapped model's tokens, cut or padded to `segments` x `segment_len`, its class the one answer
