@@ -99,7 +99,8 @@ def cells(data: dict, scale: str, extra: list[str] = ()) -> list[Cell]:
         for override in (o for layer in layers for o in layer):
             merged.pop(_key(override), None)
             merged[_key(override)] = override
-        settings = tuple(o for o in merged.values() if o in {x for layer in layers[:-1] for x in layer})
+        from_file = {o for layer in layers[:-1] for o in layer}  # every layer but the command line's
+        settings = tuple(o for o in merged.values() if o in from_file)
         out += [Cell(name, list(merged.values()), seed, spec.get("paper"), own, spec.get("x"), spec.get("split"),
                      settings) for seed in spec.get("seeds", data["seeds"])]  # fmt: skip
     return out

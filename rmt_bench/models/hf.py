@@ -87,10 +87,11 @@ class HFBackbone(nn.Module):
         self.cfg, self.kind = cfg, cfg.hf_kind
         model = load_pretrained(cfg.hf_name, cfg.hf_kind)
         self.bidirectional = self.kind == "encoder"
+        self.extra_rows = 3 if self.bidirectional else 0  # positions beyond the loop's rows: [CLS] and two [SEP]
         embed = model.get_input_embeddings()
         if self.bidirectional:  # [CLS] and [SEP] as learned vectors, from the tokenizer's rows when it has them
             self.special = nn.Parameter(self._special_rows(embed.weight.detach()))
-        if model.get_input_embeddings().num_embeddings != vocab_size:
+        if embed.num_embeddings != vocab_size:
             model.resize_token_embeddings(vocab_size, mean_resizing=False)
         self.model = model  # decoder: the *ForCausalLM; encoder: the base model
         self.body = model.base_model if self.kind == "decoder" else model
@@ -101,7 +102,6 @@ class HFBackbone(nn.Module):
             self.head = SoftmaxHead.around(nn.Linear(self.d_model, vocab_size))
             nn.init.normal_(self.head.proj.weight, 0.0, model.config.initializer_range)
             nn.init.zeros_(self.head.proj.bias)
-        self.layers = range(model.config.num_hidden_layers)  # how many (the loop's decoding asks)
         positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
         self.max_positions = positions or None
 
@@ -123,10 +123,6 @@ class HFBackbone(nn.Module):
     def memory_scale(self) -> float:
         """The standard deviation of the token embeddings: the learned memory's initial scale."""
         return float(self.model.get_input_embeddings().weight.detach().float().std())
-
-    def extra_rows(self, m: int) -> int:
-        """Positions the layout takes beyond [read ; tokens ; write] (encoder: [CLS] and two [SEP])."""
-        return 3 if self.bidirectional else 0
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """tokens (B, n) -> the model's word embeddings (B, n, d); positions are added inside the model."""

@@ -139,9 +139,8 @@ class RecurrentModel(nn.Module):
     def segment_rows(self, n: int) -> int:
         """Positions one segment of n tokens takes in the backbone (memory and a wrapped encoder's special tokens)."""
         m = self.cfg.num_mem_tokens
-        if self.bidirectional:
-            return m + n + 3
-        return m + n + (m if self.cfg.recurrent_memory else 0)
+        write_block = m if self.cfg.recurrent_memory and not self.bidirectional else 0
+        return m + n + write_block + getattr(self.backbone, "extra_rows", 0)
 
     @property
     def head(self):
