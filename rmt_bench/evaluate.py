@@ -10,7 +10,9 @@ A grid: for every run and value, the task at that value of a curriculum key (`se
 and the sequence grows, e.g. reverse-24 in 4 segments of 12 -> reverse-48 in 8; `length` or `num_pairs`: the
 segment count stays), evaluated on `--examples` test examples; a table (`eval_grid.md`) and a figure
 (`eval_grid.png`, accuracy against the segments evaluated, one line per run, each run's training setting marked)
-in --out (default: the current directory). Bad combinations (a length the segment count does not divide, a task
+in --out (default: the current directory), and each run's points in RUN/eval/grid_<key>.json (merged over calls,
+so a short grid with many examples and a long one with few make one curve; `rmt-bench-report` draws a suite's
+accuracy against length from them). Bad combinations (a length the segment count does not divide, a task
 the run was not trained on) are one line each.
 """
 
@@ -141,6 +143,17 @@ def write_grid(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def keep_grid(run_dir: Path, rows: list[dict]) -> Path:
+    """The run's own grid points into RUN/eval/grid_<key>.json, merged with those of earlier grids (a value
+    evaluated again replaces its row): `rmt-bench-report` draws a suite's accuracy against length from them."""
+    path = run_dir / "eval" / f"grid_{rows[0]['key']}.json"
+    old = json.loads(path.read_text()) if path.is_file() else []
+    merged = {r["value"]: r for r in old} | {r["value"]: r for r in rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([merged[v] for v in sorted(merged)], indent=2))
+    return path
+
+
 def parse_grid(text: str) -> tuple[str, list[int]]:
     key, sep, values = text.partition("=")
     try:
@@ -177,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             key, values = parse_grid(args.grid)
             rows = grid(runs, key, values, args.examples, args.batch_size)
             write_grid(rows, args.out)
+            for run in runs:
+                keep_grid(run, [r for r in rows if r["run"] == str(run)])
             print(f"-> {args.out / 'eval_grid.md'}, {args.out / 'eval_grid.png'}")
             return
         if len(runs) != 1:

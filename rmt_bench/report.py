@@ -11,8 +11,11 @@ It reads only files (no W&B server): each benchmark directory written by `rmt-be
 Per benchmark and scale it writes `<benchmark>_<scale>.md` (ours: mean, min and max over seeds and the number of
 runs; the paper's number; cells not run marked) and `<benchmark>_<scale>.png` (the headline metric against the
 figure's x axis, one line per series, the paper's numbers dashed: accuracy against segments, perplexity or bpc
-against memory size), and prints the tables. Runs are pooled by the config hash their summary.json records: runs
-of one cell made with different configurations (an edited benchmark file, other overrides) get a row each.
+against memory size), and prints the tables. Where a cell's runs were evaluated on a grid of lengths
+(`rmt-bench-eval RUN --grid segments=...`), the table gains their accuracy against length and
+`<benchmark>_<scale>_length.png` draws it against input tokens beside the paper's points (`reference: fig1_*`).
+Runs are pooled by the config hash their summary.json records: runs of one cell made with different configurations
+(an edited benchmark file, other overrides) get a row each.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from rmt_bench.suite import cells
+from rmt_bench.sweep_report import save_figure
 
 
 def find_benchmarks(paths: list[Path]) -> list[Path]:
@@ -176,13 +180,61 @@ def profile_figures(rows: list[dict], metric: str, stem: str, out: Path) -> list
             drawn += 1
         if drawn:
             ax.set(xlabel=xlabel, ylabel=key.removeprefix("test/"), title=f"{stem}: {key}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-            fig.tight_layout()
-            fig.savefig(out / f"{stem}_{kind}.png", dpi=120)
-            made.append(out / f"{stem}_{kind}.png")
-        plt.close(fig)
+            made.append(save_figure(fig, ax, out / f"{stem}_{kind}.png"))
+        else:
+            plt.close(fig)
     return made
+
+
+def length_results(bench_dir: Path, data: dict, scale: str) -> list[dict]:
+    """Each run's accuracy against length, as `rmt-bench-eval RUN --grid segments=...` kept it
+    (RUN/eval/grid_segments.json): [{cell, seed, points}] for the runs that have one."""
+    found = []
+    for cell in cells(data, scale):
+        path = cell.run_dir(bench_dir / scale) / "eval" / "grid_segments.json"
+        if path.is_file():
+            found.append({"cell": cell.name, "seed": cell.seed, "points": json.loads(path.read_text())})
+    return found
+
+
+def length_report(found: list[dict], reference: dict, stem: str, out: Path) -> tuple[str, Path | None]:
+    """The follow-up's Fig. 1 / 5 beside ours: a table of accuracy against length per run, and a figure of
+    accuracy against input tokens (log axis) with the paper's points (`reference: fig1_*` of the benchmark file,
+    at `fig1_segments` x `fig1_segment_len` tokens) dashed. -> (Markdown, the PNG or None without matplotlib)."""
+    lines = ["", "#### Accuracy against length (rmt-bench-eval RUN --grid segments=...)", "",
+             "| cell | seed | segments | tokens | acc | 95% interval | examples | s / example | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in found:
+        for p in run["points"]:
+            mark = " (trained)" if p["value"] == p["trained"] else ""
+            ci = p.get("test/ci95")
+            lines.append(f"| {run['cell']} | {run['seed']} | {p['value']}{mark} | {p['length_tokens']:,} | "
+                         f"{p['test/acc']:.4f} | {f'{ci[0]:.3f}-{ci[1]:.3f}' if ci else '-'} | {p['examples']} | "
+                         f"{p.get('test/seconds_per_example', float('nan')):.3g} | "
+                         f"{p.get('test/peak_memory_mb', float('nan')):.0f} |")  # fmt: skip
+    curves = {k: v for k, v in reference.items() if k.startswith("fig1_") and isinstance(v, list)}
+    paper_segments, paper_len = curves.pop("fig1_segments", None), reference.get("fig1_segment_len")
+    try:
+        import matplotlib
+    except ImportError:
+        return "\n".join(lines) + "\n", None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, run in enumerate(found):
+        pts = sorted(run["points"], key=lambda p: p["length_tokens"])
+        ax.plot([p["length_tokens"] for p in pts], [p["test/acc"] for p in pts], "o-", color=f"C{i % 10}",
+                label=f"{run['cell']} seed {run['seed']} (ours)", lw=1.2, ms=3)  # fmt: skip
+    if paper_segments and paper_len:
+        tokens = [n * paper_len for n in paper_segments]
+        for j, (name, accs) in enumerate(sorted(curves.items())):
+            ax.plot(tokens, accs, "x--", color="0.4", alpha=0.5 + 0.15 * j, lw=1,
+                    label=f"follow-up: {name.removeprefix('fig1_')}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set(xlabel="input tokens", ylabel="test accuracy (greedy)", ylim=(0, 1.02),
+           title=f"{stem}: accuracy against length")  # fmt: skip
+    return "\n".join(lines) + "\n", save_figure(fig, ax, out / f"{stem}_length.png")
 
 
 def log_to_wandb(made: list[tuple[str, str, list[dict], Path | None]], out: Path, mode: str) -> str:
@@ -231,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
         for scale in [s for s in data["scales"] if (bench / s).is_dir()]:
             text, rows = table(bench, scale)
             stem = f"{bench.name}_{scale}"
+            found = length_results(bench, data, scale)
+            if found:  # the follow-up's accuracy against length, where runs were evaluated on a grid
+                more, _ = length_report(found, data.get("reference") or {}, stem, args.out)
+                text += more
             (args.out / f"{stem}.md").write_text(text)
             png = args.out / f"{stem}.png"
             drawn = figure(rows, f"{bench.name} ({scale})", str(data.get("x", "cell")), data["metric"], png)

@@ -21,6 +21,18 @@ import yaml
 STOPPED = ("signal", "non_finite_loss")
 
 
+def save_figure(fig, ax, path: Path) -> Path:
+    """A figure with a grid and the legend beside the axes (not over the lines), written as a PNG and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def find_runs(root: Path) -> list[Path]:
     return sorted({p.parent for p in root.rglob("config.json") if ".hydra" not in p.parts and "wandb" not in p.parts})
 
@@ -114,13 +126,7 @@ def curves(runs: list[dict], out: Path) -> list[Path]:
         for i, (name, (xs, ys)) in enumerate(lines.items()):
             ax.plot(xs, ys, "-", color=f"C{i % 10}", label=name, lw=1.2)
         ax.set(xlabel="step", ylabel=key, title=key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.tight_layout()
-        path = out / f"curves_{key.replace('/', '_')}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        made.append(path)
+        made.append(save_figure(fig, ax, out / f"curves_{key.replace('/', '_')}.png"))
     return made
 
 

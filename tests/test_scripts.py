@@ -7,9 +7,12 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from rmt_bench.config import LMTaskConfig
+from rmt_bench.finished import open_run
 from rmt_bench.tasks.wikitext import load_corpus
-from tests.helpers import ROOT, write_wikitext
+from tests.helpers import ROOT, TINY, run_cli, write_wikitext
 
 
 def prepare(*args):
@@ -174,3 +177,28 @@ def test_bench_peers_times_every_model_and_checks_the_loss_falls():
         assert float(cells[7]) > float(cells[8]) > 0  # peak RSS above its training share
     assert "rmt: " in res.stdout and "x the peer's tokens/s" in res.stdout
     assert "use_xl_memories': False" in res.stdout and "'num_residual_streams': 1" in res.stdout
+
+
+def test_retrieval_by_pair_splits_the_runs_test_accuracy_by_the_queried_pair(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "task=retrieval", "task.segments=3", "task.pad_side=end", "mem=3", "trainer.max_minutes=null",
+            "trainer.max_steps=30", "task.test_size=64", f"hydra.run.dir={run}"]  # fmt: skip
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    script = [sys.executable, str(ROOT / "scripts" / "retrieval_by_pair.py")]
+    res = subprocess.run([*script, str(run), "--examples", "64"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads((run / "eval" / "by_pair.json").read_text())
+    # the official 4 + 4 + 2 chunks: pairs 1-2 in segment 1 (two boundaries to the query), 3-4 in segment 2 (one)
+    layout = [(r["pair"], r["value_segment"], r["boundaries"]) for r in rows]
+    assert layout == [(1, 1, 2), (2, 1, 2), (3, 2, 1), (4, 2, 1)]
+    _, task, _ = open_run(run, ["task.test_size=64"])
+    queried = []  # by hand: the pair whose key follows the '?'
+    for batch in task.eval_batches("test", 64):
+        for row in batch.inputs.flatten(1).tolist():
+            tokens = [t for t in row if t != 0]
+            queried.append(tokens[0:8:2].index(tokens[9]) + 1)
+    assert [r["examples"] for r in rows] == [queried.count(j) for j in (1, 2, 3, 4)]
+    mean = sum(r["acc"] * r["examples"] for r in rows) / 64
+    assert mean == pytest.approx(json.loads((run / "summary.json").read_text())["test/acc"])
+    bad = subprocess.run([*script, str(run), "--examples", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --examples: must be >= 1, got 0"

@@ -256,3 +256,29 @@ def test_an_lm_table_runs_as_a_smoke_run_on_given_data_and_reports_perplexity(tm
         assert (tmp_path / "report" / f"wikitext103_table2_cpu_{kind}.png").read_bytes()[:4] == b"\x89PNG"
     media = list((tmp_path / "report" / "wandb").glob("offline-run-*/files/media/**/*"))
     assert {p.suffix for p in media if p.is_file()} >= {".json", ".png", ".html"}, media
+
+
+def test_the_report_draws_accuracy_against_length_from_the_runs_grids_beside_the_papers_points(tmp_path):
+    bench = write_benchmark(tmp_path, [{"model": "rmt", "mem": 4}])
+    data = yaml.safe_load(bench.read_text())
+    data["base"] += ["task=facts", "task.segments=2", "task.segment_len=16"]
+    data["reference"] = {"fig1_segments": [32, 64], "fig1_segment_len": 499, "fig1_memorize": [0.99, 0.98]}
+    bench.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert run_suite(bench, "--out", tmp_path / "out", cwd=tmp_path).returncode == 0
+    run = tmp_path / "out" / "tiny_bench" / "cpu" / "model=rmt,mem=4" / "seed0"
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    for grid, examples in (("segments=1,2", 8), ("segments=2,64", 4)):  # the second call replaces the point at 2
+        cmd = [sys.executable, "-m", "rmt_bench.evaluate", str(run), "--grid", grid, "--examples", str(examples)]
+        res = subprocess.run([*cmd, "--out", str(tmp_path / "g")], capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+    kept = json.loads((run / "eval" / "grid_segments.json").read_text())
+    assert [(p["value"], p["examples"], p["length_tokens"]) for p in kept] == [(1, 8, 16), (2, 4, 32), (64, 4, 1024)]
+    res = run_report(tmp_path / "out", "--out", tmp_path / "report")
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "report" / "tiny_bench_cpu.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| model=rmt,mem=4 | 0 |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["1", "2 (trained)", "64"]
+    assert [r.split("|")[4].strip() for r in rows] == ["16", "32", "1,024"]
+    assert all(float(r.split("|")[5]) == p["test/acc"] for r, p in zip(rows, kept))
+    png = (tmp_path / "report" / "tiny_bench_cpu_length.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
