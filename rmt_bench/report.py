@@ -229,7 +229,7 @@ def length_report(found: list[dict], reference: dict, stem: str, out: Path) -> t
     if paper_segments and paper_len:
         tokens = [n * paper_len for n in paper_segments]
         for j, (name, accs) in enumerate(sorted(curves.items())):
-            ax.plot(tokens, accs, "x--", color="0.4", alpha=0.5 + 0.15 * j, lw=1,
+            ax.plot(tokens, accs, "xs^dv"[j % 5] + "--", color="0.35", alpha=0.8, lw=1, mfc="none",
                     label=f"follow-up: {name.removeprefix('fig1_')}")  # fmt: skip
     ax.set_xscale("log")
     ax.set(xlabel="input tokens", ylabel="test accuracy (greedy)", ylim=(0, 1.02),
