@@ -170,13 +170,13 @@ def profile_figures(rows: list[dict], metric: str, stem: str, out: Path) -> list
     for kind, xlabel in (("by_position", "position in the segment"), ("by_doc_segment", "segment of the document")):
         key = f"{metric}_{kind}"
         fig, ax, drawn = *plt.subplots(figsize=(6.5, 3.8)), 0
-        for i, row in enumerate(rows):
+        for row in rows:
             curves = [r[key] for r in row["runs"] if isinstance(r.get(key), list)]
             if not curves:
                 continue
             cols = list(zip(*curves))
             mean = [sum(v for v in c if v is not None) / max(sum(v is not None for v in c), 1) for c in cols]
-            ax.plot(range(len(mean)), mean, "-", color=f"C{i % 10}", label=row["name"], lw=1.2)
+            ax.plot(range(len(mean)), mean, "-", color=f"C{drawn % 10}", label=row["name"], lw=1.2)
             drawn += 1
         if drawn:
             ax.set(xlabel=xlabel, ylabel=key.removeprefix("test/"), title=f"{stem}: {key}")
