@@ -17,3 +17,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_tmpdir(tmp_path_factory):
+    """Temporary files of this process and of the runs it starts (a sweep's failed-jobs file, torchrun's
+    torchelastic_* directories) go under pytest's own base directory, not /tmp: a run a test kills with SIGKILL
+    cannot remove its own."""
+    import tempfile
+
+    path = tmp_path_factory.mktemp("tmpdir")
+    before, os.environ["TMPDIR"], tempfile.tempdir = os.environ.get("TMPDIR"), str(path), None
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
