@@ -4,8 +4,11 @@
 
 Per run, the test examples grouped by the queried pair (1 = the first of the sequence), with the segment its value
 stands in, the segment boundaries between that value and the query (the memory writes it must survive: 0 = in the
-query's own segment) and the greedy accuracy (the answer is one token: greedy = teacher-forced). The weighted mean
-over the pairs is the run's test accuracy on the same examples. Into RUN/eval/by_pair.json and printed as a table.
+query's own segment), the greedy accuracy (the answer is one token: greedy = teacher-forced) and, of the wrong
+answers, the share that is another pair's value (1.0: the values are kept and the key each belongs to lost; with
+distinct values a guess among the 9 other digits names another pair's value (pairs - 1) / 9 of the time). The
+weighted mean over the pairs is the run's test accuracy on the same examples. Into RUN/eval/by_pair.json and
+printed as a table.
 """
 
 from __future__ import annotations
@@ -24,28 +27,32 @@ from rmt_bench.finished import open_run
 
 
 def by_pair(run_dir: Path, examples: int, batch_size: int = 500) -> list[dict]:
-    """-> one row per pair index: {pair, value_segment, boundaries, examples, acc}."""
+    """-> one row per pair index: {pair, value_segment, boundaries, examples, acc, wrong_other_value}."""
     cfg, task, model = open_run(run_dir, [f"task.test_size={examples}", "task.valid_size=1", "task.train_size=1"])
     if cfg.task.name != "retrieval":
         raise ConfigError("run_dir", f"{run_dir} was trained on {cfg.task.name}; this reads retrieval runs only")
     pairs, n, front = cfg.task.num_pairs, cfg.task.segment_len, task.pad_front
     query = front + 2 * pairs + 1  # the query key's input position: the answer is the target there
-    right, seen = torch.zeros(pairs), torch.zeros(pairs)
+    right, seen, swapped = torch.zeros(pairs), torch.zeros(pairs), torch.zeros(pairs)
     autocast = precision_of(run_dir / "summary.json")
     with torch.no_grad(), autocast():
         for batch in task.eval_batches("test", batch_size):
             out, _ = model(batch.inputs, model.initial_state(pad=front))
-            hit = (model.head.logits(out[batch.loss_mask]).argmax(-1) == batch.targets[batch.loss_mask]).float()
+            pred = model.head.logits(out[batch.loss_mask]).argmax(-1)  # (B,): one answer token an example
+            hit = (pred == batch.targets[batch.loss_mask]).float()
             flat = batch.inputs.flatten(1)  # (B, S * n): k1 v1 ... kP vP ? kq
-            keys = flat[:, front : front + 2 * pairs : 2]
+            keys, values = flat[:, front : front + 2 * pairs : 2], flat[:, front + 1 : front + 2 * pairs : 2]
             which = (keys == flat[:, query : query + 1]).float().argmax(1)  # the queried pair, 0-based
+            other = (values == pred[:, None]).any(1).float() * (1 - hit)  # wrong, and another pair's value
             right += torch.zeros(pairs).index_add_(0, which, hit)
+            swapped += torch.zeros(pairs).index_add_(0, which, other)
             seen += torch.bincount(which, minlength=pairs).float()
     rows = []
     for j in range(pairs):
-        segment = (front + 2 * j + 1) // n  # the value's segment
+        segment, wrong = (front + 2 * j + 1) // n, seen[j] - right[j]  # the value's segment
         rows.append({"pair": j + 1, "value_segment": segment + 1, "boundaries": query // n - segment,
-                     "examples": int(seen[j]), "acc": float(right[j] / seen[j]) if seen[j] else None})  # fmt: skip
+                     "examples": int(seen[j]), "acc": float(right[j] / seen[j]) if seen[j] else None,
+                     "wrong_other_value": float(swapped[j] / wrong) if wrong else None})  # fmt: skip
     return rows
 
 
@@ -68,10 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         total = sum(r["examples"] for r in rows)
         mean = sum(r["acc"] * r["examples"] for r in rows if r["acc"] is not None) / total
         print(f"{run} (test acc on these {total} examples: {mean:.4f})")
-        print("| pair | value in segment | boundaries to the query | examples | acc |\n|---|---|---|---|---|")
+        print("| pair | value in segment | boundaries to the query | examples | acc | wrong: another pair's value |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
-            acc = "-" if r["acc"] is None else f"{r['acc']:.3f}"
-            print(f"| {r['pair']} | {r['value_segment']} | {r['boundaries']} | {r['examples']} | {acc} |")
+            acc, other = ("-" if r[k] is None else f"{r[k]:.3f}" for k in ("acc", "wrong_other_value"))
+            print(f"| {r['pair']} | {r['value_segment']} | {r['boundaries']} | {r['examples']} | {acc} | {other} |")
 
 
 if __name__ == "__main__":

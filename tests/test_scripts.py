@@ -8,6 +8,7 @@ import sys
 import zipfile
 
 import pytest
+import torch
 
 from rmt_bench.config import LMTaskConfig
 from rmt_bench.finished import open_run
@@ -191,13 +192,21 @@ def test_retrieval_by_pair_splits_the_runs_test_accuracy_by_the_queried_pair(tmp
     # the official 4 + 4 + 2 chunks: pairs 1-2 in segment 1 (two boundaries to the query), 3-4 in segment 2 (one)
     layout = [(r["pair"], r["value_segment"], r["boundaries"]) for r in rows]
     assert layout == [(1, 1, 2), (2, 1, 2), (3, 2, 1), (4, 2, 1)]
-    _, task, _ = open_run(run, ["task.test_size=64"])
-    queried = []  # by hand: the pair whose key follows the '?'
+    _, task, model = open_run(run, ["task.test_size=64"])
+    queried, wrong, other = [], [0] * 4, [0] * 4  # by hand: the pair whose key follows the '?', the wrong answers
     for batch in task.eval_batches("test", 64):
-        for row in batch.inputs.flatten(1).tolist():
+        with torch.no_grad():
+            out, _ = model(batch.inputs, model.initial_state())
+        answers = model.head.logits(out[batch.loss_mask]).argmax(-1).tolist()
+        for row, answer, target in zip(batch.inputs.flatten(1).tolist(), answers, batch.targets[batch.loss_mask]):
             tokens = [t for t in row if t != 0]
             queried.append(tokens[0:8:2].index(tokens[9]) + 1)
+            if answer != int(target):
+                wrong[queried[-1] - 1] += 1
+                other[queried[-1] - 1] += answer in tokens[1:8:2]
     assert [r["examples"] for r in rows] == [queried.count(j) for j in (1, 2, 3, 4)]
+    assert sum(wrong) > 0  # a 30-step model: wrong answers to sort
+    assert [r["wrong_other_value"] for r in rows] == [pytest.approx(o / w) if w else None for o, w in zip(other, wrong)]
     mean = sum(r["acc"] * r["examples"] for r in rows) / 64
     assert mean == pytest.approx(json.loads((run / "summary.json").read_text())["test/acc"])
     bad = subprocess.run([*script, str(run), "--examples", "0"], capture_output=True, text=True, timeout=60)
