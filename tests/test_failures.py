@@ -35,3 +35,13 @@ def test_the_end_of_a_sweep_lists_the_failures_and_exits_1(capsys):
         failures.exit_if_failed("cell(s)", ["a failed: x", "b failed: y"])
     assert exc.value.code == 1
     assert capsys.readouterr().err == "error: 2 cell(s) failed:\n  a failed: x\n  b failed: y\n"
+
+
+def test_a_list_removed_under_the_sweep_is_a_warning_not_a_crash(capsys):
+    with failures.collected() as failed:
+        shared = os.environ[failures.FAILED_JOBS_ENV]
+        os.unlink(shared)  # a /tmp cleaner during a long sweep
+    assert failed == []
+    assert capsys.readouterr().err == (
+        f"warning: {shared} (the failed jobs' list) was removed; failures show in the jobs' logs only\n"
+    )
