@@ -6,8 +6,9 @@
 
 A benchmark file holds the paper's table or figure as data: `base` overrides, one list of overrides per `scale`
 (`cpu`: the trainable backbone, minutes per cell; `paper`: the paper's backbone and schedule, for a GPU), `seeds`,
-and `cells`, each a mapping of override keys to values, its paper number (`paper`) and overrides per scale
-(`extra: {cpu: [...]}`, replacing the scale's own for the same key).
+and `cells`, each a mapping of override keys to values, its paper number (`paper`), overrides per scale
+(`extra: {cpu: [...]}`, replacing the scale's own for the same key) and, for a cell that exists at some scales only
+(one no CPU can train in minutes), the list of them (`scales: [paper]`).
 Every cell runs through the same entry point as `rmt-bench` (`python -m rmt_bench.cli ...`, so Hydra stays in
 cli.py) in a directory that depends only on the cell: `<out>/<benchmark>/<scale>/<cell keys>/seed<k>`. A cell is
 finished when its summary.json exists: a re-run skips it, and resumes (`resume=true`) a cell that has only a
@@ -32,8 +33,8 @@ _PACKAGED = Path(__file__).resolve().parent / "benchmarks"  # tasks/, inside an 
 BENCHMARK_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "tasks"
 # a cell's paper number; its overrides per scale; where the figure places it when its own keys do not say (`x`:
 # e.g. the paper's segment label of a cell that the official code split otherwise); a label of its split (`split`)
-# the cell's own seeds, when they differ from the file's (`seeds`)
-CELL_KEYS_RESERVED = ("paper", "extra", "x", "split", "seeds")
+# the cell's own seeds, when they differ from the file's (`seeds`); the scales the cell exists at, when not all
+CELL_KEYS_RESERVED = ("paper", "extra", "x", "split", "seeds", "scales")
 
 
 class SuiteError(Exception):
@@ -89,6 +90,12 @@ def cells(data: dict, scale: str, extra: list[str] = ()) -> list[Cell]:
     for spec in data["cells"]:
         own = {k: v for k, v in spec.items() if k not in CELL_KEYS_RESERVED}
         name = ",".join(f"{k}={v}" for k, v in own.items()).replace("/", "_")
+        at = spec.get("scales", list(data["scales"]))
+        if not isinstance(at, list) or not at or any(s not in data["scales"] for s in at):
+            raise SuiteError(f"cell {name}: scales: {at}: expected a list of this benchmark's scales "
+                             f"({', '.join(data['scales'])})")  # fmt: skip
+        if scale not in at:
+            continue
         # base, the scale's, the cell's extras for the scale, the cell's keys, the command line's: the last one of
         # a key wins (Hydra would refuse the same key twice)
         layers = [

@@ -33,7 +33,8 @@ def test_every_benchmark_composes_and_validates_at_every_scale(name):
     for scale in data["scales"]:
         cells = suite.cells(data, scale)
         assert invalid_jobs([(c.overrides + [f"seed={c.seed}"], c.name) for c in cells]) == []
-        assert len({c.name for c in cells}) == len(data["cells"])  # one directory per cell
+        here = [c for c in data["cells"] if scale in c.get("scales", [scale])]
+        assert len({c.name for c in cells}) == len(here)  # one directory per cell of the scale
         assert all(f"scale={scale}" in c.overrides for c in cells)
         papers = [c.paper for c in cells if c.paper is not None]
         assert all(0.0 <= p <= 1.0 for p in papers) if not lower else all(p > 1 for p in papers)
@@ -155,6 +156,23 @@ def test_an_unknown_benchmark_or_scale_is_one_line(tmp_path):
         res.returncode == 2
         and res.stderr.strip() == "error: --scale gpu: not in this benchmark; choose one of: cpu, paper"
     )
+
+
+def test_a_cell_of_some_scales_only_is_left_out_of_the_others_and_a_bad_list_is_one_line():
+    _, data = suite.load("fig8_half_memory")  # reverse-120 with memory 60: paper scale only
+    long = [c for c in data["cells"] if c.get("task.length") == 120]
+    assert len(long) == 6 and all(c["scales"] == ["paper"] for c in long)
+    cpu, paper = ({c.name for c in suite.cells(data, s)} for s in ("cpu", "paper"))
+    assert len(cpu) == len(data["cells"]) - 6 and len(paper) == len(data["cells"])
+    assert not any("task.length=120" in name for name in cpu)
+    for bad in (["gpu"], [], "paper"):
+        data["cells"][0]["scales"] = bad
+        with pytest.raises(suite.SuiteError) as exc:
+            suite.cells(data, "cpu")
+        assert str(exc.value) == (
+            f"cell experiment=fig3_copy,model=vanilla,task.segments=3,mem=12: scales: {bad}: expected a list of this "
+            "benchmark's scales (cpu, paper)"
+        )
 
 
 def test_the_report_puts_each_cell_beside_the_paper(tmp_path):
