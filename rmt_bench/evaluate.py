@@ -103,8 +103,10 @@ def write_grid(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     key = rows[0]["key"]
     seg = key != "segments"  # the segment count as a column of its own, unless it is the grid's key
+    held = any("test/answers_held" in r for r in rows)  # the facts tasks: places answered right >= 90% of the time
     head = ["run", "model", f"trained {key}", key, *(["segments"] if seg else []), "tokens", "greedy acc",
-            "95% interval", "examples", "s / example", "peak MB"]  # fmt: skip
+            "95% interval", *(["places held (of 6)"] if held else []), "examples", "s / example",
+            "peak MB"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = " (trained)" if r["value"] == r["trained"] else ""
@@ -113,8 +115,9 @@ def write_grid(rows: list[dict], out: Path) -> None:
             f"{r[f'test/{k}']:.3g}" if f"test/{k}" in r else "-" for k in ("seconds_per_example", "peak_memory_mb")
         ]
         segments = [r["segments"]] if seg else []
+        places = [r.get("test/answers_held", "-")] if held else []
         cells = [Path(r["run"]).name, r["model"], r["trained"], f"{r['value']}{mark}", *segments, r["length_tokens"],
-                 f"{r['test/acc']:.4f}", ci, r["examples"], *timing]  # fmt: skip
+                 f"{r['test/acc']:.4f}", ci, *places, r["examples"], *timing]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     (out / "eval_grid.md").write_text("\n".join(lines) + "\n")
     (out / "eval_grid.json").write_text(json.dumps(rows, indent=2))

@@ -1,7 +1,8 @@
 """The peer on our associative retrieval: lucidrains' recurrent-memory-transformer-pytorch (the `bench` extra)
 trained on rmt-bench's own task batches and scored with the same metric on the same test split.
 
-    python scripts/peer_retrieval.py --segments 2 --mem 5 --steps 8000 --seed 0 [--curriculum] [--precision bf16]
+    python scripts/peer_retrieval.py --segments 2 --mem 5 --steps 8000 --seed 0 [--pairs 4] [--curriculum] \
+        [--precision bf16]
 
 Sizes as the paper's retrieval model (6 layers, d_model 64, 4 heads of 32, feed-forward 2x), memory `--mem`, the
 optimisation of `experiment=fig3_retrieval_cpu` (AdamW 5e-4, betas 0.9 / 0.99, 100 warm-up steps then cosine to
@@ -55,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--segments", type=int, default=2)
     ap.add_argument("--mem", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=4, help="key-value pairs per example (the paper's 4)")
     ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--curriculum", action="store_true")
@@ -64,10 +66,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    task = build_task(TaskConfig(name="retrieval", num_pairs=4, segments=args.segments))
+    task = build_task(TaskConfig(name="retrieval", num_pairs=args.pairs, segments=args.segments))
     trainer = TrainerConfig(optimizer="adamw", lr=5e-4, betas=(0.9, 0.99), schedule="cosine", warmup_steps=100,
                             min_lr=1e-5, grad_clip=1.0, batch_size=32, max_steps=args.steps)  # fmt: skip
-    stages = CurriculumConfig(key="num_pairs", stages=[1, 2, 3], threshold=0.95, max_stage_steps=2000)
+    stages = CurriculumConfig(key="num_pairs", stages=list(range(1, args.pairs)), threshold=0.95, max_stage_steps=2000)
     curriculum = Curriculum(stages if args.curriculum else CurriculumConfig(), task)
     model = RecurrentMemoryTransformer(
         64, num_tokens=task.vocab_size, depth=6, num_memory_tokens=args.mem, seq_len=task.segment_len, heads=4,

@@ -4,6 +4,8 @@ read by the language-modelling loader), streamed evaluation at any length with f
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -110,6 +112,24 @@ def test_streamed_evaluation_runs_any_length_with_flat_memory():
     assert short["tokens"] == 64 and long["tokens"] == 6400 and long["examples"] == 16
     assert 0 <= long["ci95"][0] <= long["acc"] <= long["ci95"][1] <= 1
     assert long["peak_memory_mb"] < short["peak_memory_mb"] + 50  # no growth with length
+    assert sum(long["predicted"].values()) == 16
+
+
+def test_streamed_evaluation_splits_the_accuracy_by_answer():
+    """A model made to answer 'garden' whatever it reads: right on exactly the garden examples, and 'garden' is
+    the one place it holds and the only one predicted."""
+    import contextlib
+
+    t = task("memorize")
+    model = build_model(tiny_model("rmt"), t.vocab_size).eval()
+    with torch.no_grad():
+        model.head.proj.bias.fill_(0).data[WORD["garden"]] = 1e4
+    res = t.evaluate_long(model, 3, 48, 16, contextlib.nullcontext)
+    assert set(res["acc_by_answer"]) <= set(PLACES) and len(res["acc_by_answer"]) >= 4  # 48 draws of 6 places
+    assert all(acc == (1.0 if place == "garden" else 0.0) for place, acc in res["acc_by_answer"].items())
+    assert res["answers_held"] == 1 and res["predicted"]["garden"] == 48 and res["predicted"]["other"] == 0
+    garden = res["acc"] * 48  # the garden examples, all right
+    assert garden == round(garden) and 0 < garden < 48
 
 
 def test_too_short_for_the_facts_is_one_line():
@@ -125,3 +145,14 @@ def test_a_facts_run_with_a_curriculum_over_segments_trains_and_tests(tmp_path):
     res = run_cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "curriculum: segments 1 -> 2 -> 3" in res.stderr and "facts rmt mem=4 segments=3" in res.stdout
+    # accuracy against length from the run, with the places it holds (a column of the facts tasks only)
+    from rmt_bench.evaluate import main as evaluate_main
+
+    evaluate_main([str(tmp_path / "run"), "--grid", "segments=3,5", "--examples", "12", "--out", str(tmp_path / "g")])
+    table = (tmp_path / "g" / "eval_grid.md").read_text().splitlines()
+    column = [c.strip() for c in table[0].split("|")].index("places held (of 6)")
+    rows = json.loads((tmp_path / "g" / "eval_grid.json").read_text())
+    assert len(rows) == 2 and len(table) == 4
+    for row, line in zip(rows, table[2:]):
+        held = sum(acc >= 0.9 for acc in row["test/acc_by_answer"].values())
+        assert row["test/answers_held"] == held and line.split("|")[column].strip() == str(held)
