@@ -12,8 +12,9 @@ segment count stays), evaluated on `--examples` test examples; a table (`eval_gr
 (`eval_grid.png`, accuracy against the segments evaluated, one line per run, each run's training setting marked)
 in --out (default: the current directory), and each run's points in RUN/eval/grid_<key>.json (merged over calls,
 so a short grid with many examples and a long one with few make one curve; `rmt-bench-report` draws a suite's
-accuracy against length from them). Bad combinations (a length the segment count does not divide, a task
-the run was not trained on) are one line each.
+accuracy against length from them). `--weights final` evaluates the weights of the run's last step instead of
+the best validation's (files marked `final_weights`; the report keeps to the tested ones). Bad combinations (a
+length the segment count does not divide, a task the run was not trained on) are one line each.
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ def precision_of(summary_path: Path):
     return autocast_factory(torch.device("cpu"), bf16)
 
 
-def label_of(words: list[str], mem_len: int | None, reset: bool = False) -> str:
+def label_of(words: list[str], mem_len: int | None, reset: bool = False, weights: str = "best") -> str:
     parts = [w.removeprefix("task.") for w in words] + ([f"mem_len={mem_len}"] if mem_len is not None else [])
-    return ",".join(parts + (["memory_reset"] if reset else [])) or "as_trained"
+    parts += (["memory_reset"] if reset else []) + (["final_weights"] if weights == "final" else [])
+    return ",".join(parts) or "as_trained"
 
 
-def one_setting(run_dir: Path, words: list[str], mem_len: int | None, batch_size: int, reset: bool = False) -> dict:
-    cfg, task, model = open_run(run_dir, words)
+def one_setting(
+    run_dir: Path, words: list[str], mem_len: int | None, batch_size: int, reset: bool = False, weights: str = "best"
+) -> dict:
+    cfg, task, model = open_run(run_dir, words, weights=weights)
     settings = ({"mem_len": mem_len} if mem_len is not None else {}) | ({"reset_memory": True} if reset else {})
     if reset and not model.writes(model.initial_state()):
         raise ConfigError("--memory-reset", f"the run's model ({cfg.model.name}) carries no memory tokens to reset")
@@ -61,20 +65,24 @@ def one_setting(run_dir: Path, words: list[str], mem_len: int | None, batch_size
         "setting": words,
         "mem_len": mem_len,
         "memory_reset": reset,
+        "weights": weights,
         "task": asdict(cfg.task),
     }
     record |= {f"test/{k}": v for k, v in metrics.items()}
-    out = run_dir / "eval" / f"{label_of(words, mem_len, reset)}.json"
+    out = run_dir / "eval" / f"{label_of(words, mem_len, reset, weights)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     return record | {"file": str(out)}
 
 
-def grid(run_dirs: list[Path], key: str, values: list[int], examples: int, batch_size: int) -> list[dict]:
+def grid(
+    run_dirs: list[Path], key: str, values: list[int], examples: int, batch_size: int, weights: str = "best"
+) -> list[dict]:
     """Every run at every value of `key` -> rows {run, model, trained, value, segments, acc, ...}."""
     rows = []
     for run_dir in run_dirs:
-        cfg, own, model = open_run(run_dir, [f"task.test_size={examples}", "task.valid_size=1", "task.train_size=1"])
+        sizes = [f"task.test_size={examples}", "task.valid_size=1", "task.train_size=1"]
+        cfg, own, model = open_run(run_dir, sizes, weights=weights)
         keys = getattr(cfg.task, "curriculum_keys", ())
         if key not in keys:
             known = ", ".join(keys) or "none"
@@ -90,7 +98,8 @@ def grid(run_dirs: list[Path], key: str, values: list[int], examples: int, batch
                 task = build_task(replace(setting, test_size=examples), splits=("test",))
                 metrics = evaluate(model, task, "test", batch_size, autocast)
             rows.append({"run": str(run_dir), "model": cfg.model.name, "key": key, "value": value,
-                         "trained": trained, "segments": setting.segments, "length_tokens": setting.seq_len,
+                         "trained": trained, "weights": weights, "segments": setting.segments,
+                         "length_tokens": setting.seq_len,
                          "examples": examples} | {f"test/{k}": v for k, v in metrics.items()})  # fmt: skip
             extra = "".join(f" {k} {metrics[k]:.3g}" for k in ("seconds_per_example", "peak_memory_mb") if k in metrics)
             print(f"{run_dir.name} ({cfg.model.name}, trained {key}={trained}): {key}={value} "
@@ -149,7 +158,8 @@ def write_grid(rows: list[dict], out: Path) -> None:
 def keep_grid(run_dir: Path, rows: list[dict]) -> Path:
     """The run's own grid points into RUN/eval/grid_<key>.json, merged with those of earlier grids (a value
     evaluated again replaces its row): `rmt-bench-report` draws a suite's accuracy against length from them."""
-    path = run_dir / "eval" / f"grid_{rows[0]['key']}.json"
+    final = "_final_weights" if rows[0].get("weights") == "final" else ""  # kept apart: the report reads the tested
+    path = run_dir / "eval" / f"grid_{rows[0]['key']}{final}.json"
     old = json.loads(path.read_text()) if path.is_file() else []
     merged = {r["value"]: r for r in old} | {r["value"]: r for r in rows}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--examples", type=int, default=500, help="test examples per grid point (default 500)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", type=Path, default=Path("."), help="where a grid's table and figure go")
+    parser.add_argument("--weights", choices=("best", "final"), default="best",
+                        help="best: the best validation's weights, the ones the run tested (default); final: its last "
+                        "step's")  # fmt: skip
     args = parser.parse_args(argv)
     # run directories may hold '=' (suite cells: model=rmt,mem=5/seed0): an existing directory is a run
     runs = [Path(a) for a in args.args if Path(a).is_dir() or "=" not in a]
@@ -191,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             if words:
                 raise ConfigError(words[0].split("=")[0], "a grid varies one key; give settings without --grid")
             key, values = parse_grid(args.grid)
-            rows = grid(runs, key, values, args.examples, args.batch_size)
+            rows = grid(runs, key, values, args.examples, args.batch_size, args.weights)
             write_grid(rows, args.out)
             for run in runs:
                 keep_grid(run, [r for r in rows if r["run"] == str(run)])
@@ -199,12 +212,12 @@ def main(argv: list[str] | None = None) -> None:
             return
         if len(runs) != 1:
             raise ConfigError("run_dir", f"one run directory for one setting (got {len(runs)}); --grid takes several")
-        record = one_setting(runs[0], words, args.mem_len, args.batch_size, args.memory_reset)
+        record = one_setting(runs[0], words, args.mem_len, args.batch_size, args.memory_reset, args.weights)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     shown = ", ".join(f"{k.removeprefix('test/')} {v:.4f}" for k, v in record.items() if k.startswith("test/"))
-    print(f"{label_of(words, args.mem_len, args.memory_reset)}: {shown} -> {record['file']}")
+    print(f"{label_of(words, args.mem_len, args.memory_reset, args.weights)}: {shown} -> {record['file']}")
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     return config
 
 
-def open_run(run_dir: Path, overrides: list[str] = (), device: str = "cpu"):
+def open_run(run_dir: Path, overrides: list[str] = (), device: str = "cpu", weights: str = "best"):
     """-> (RunConfig with the overrides, the task built at that setting, the model with the tested weights, eval
-    mode). The task's name cannot change: weights of one task do not read another's vocabulary."""
+    mode). The task's name cannot change: weights of one task do not read another's vocabulary. weights="final":
+    the weights of the run's last step instead of its best validation's (the tested ones)."""
     from rmt_bench.models import build_model, check_segments
     from rmt_bench.tasks import build_task
     from rmt_bench.train.checkpoint import read_checkpoint
@@ -63,7 +64,7 @@ def open_run(run_dir: Path, overrides: list[str] = (), device: str = "cpu"):
         raise CheckpointError(f"{run_dir}: no {CHECKPOINT_FILE} (the run did not checkpoint)")
     payload = read_checkpoint(path)
     try:
-        model.load_state_dict(payload.get("best_model") or payload["model"])
+        model.load_state_dict(payload["model"] if weights == "final" else payload.get("best_model") or payload["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not fit the model of {CONFIG_FILE} ({str(exc).splitlines()[0]})") from exc
     return cfg, task, model.to(torch.device(device)).eval()

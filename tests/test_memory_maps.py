@@ -144,6 +144,32 @@ def test_eval_as_trained_gives_the_runs_test_and_other_settings_their_own(tiny_r
         assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), res.stderr
 
 
+def test_eval_final_weights_are_the_last_steps_and_kept_apart(tiny_run, tmp_path):
+    import shutil
+
+    from rmt_bench.finished import open_run
+    from rmt_bench.train.checkpoint import read_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    payload = read_checkpoint(run / "checkpoint.pt")
+    # the last step's weights made different from the best validation's (in a short run they may be the same)
+    payload["model"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in payload["model"].items()}
+    torch.save(payload, run / "checkpoint.pt")
+    for weights, key in (("best", "best_model"), ("final", "model")):
+        _, _, model = open_run(run, weights=weights)
+        assert all(torch.equal(t, payload[key][k]) for k, t in model.state_dict().items())
+    res = tool("evaluate", run, "--weights", "final", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    record = json.loads((run / "eval" / "final_weights.json").read_text())
+    assert record["weights"] == "final" and not (run / "eval" / "as_trained.json").exists()
+    args = ["--grid", "segments=3", "--examples", 16, "--weights", "final", "--out", tmp_path / "g"]
+    grid = tool("evaluate", run, *args, cwd=tmp_path)
+    assert grid.returncode == 0, grid.stderr
+    assert (run / "eval" / "grid_segments_final_weights.json").is_file()
+    assert not (run / "eval" / "grid_segments.json").exists()  # the report's file holds the tested weights only
+
+
 def test_report_tabulates_a_sweep_by_its_swept_keys_and_marks_a_failed_job(tmp_path):
     args = [*TINY, "task.length=6", "task.segments=2", "trainer.max_minutes=null", "trainer.num_threads=1"]
     res = run_cli("-m", *args, "model=xl,rmt", "mem=2", "seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)

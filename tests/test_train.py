@@ -14,7 +14,8 @@ from rmt_bench.job import run
 from rmt_bench.logging import RunLogger
 from rmt_bench.models import build_model
 from rmt_bench.tasks import build_task
-from rmt_bench.train.loop import evaluate, fit, lr_factor
+from rmt_bench.train.loop import evaluate, fit, improves, lr_factor
+from rmt_bench.train.state import TrainState
 from tests.helpers import TINY, compose_cfg, run_cli, tiny_model, tiny_task
 
 
@@ -113,6 +114,15 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
 def test_resume_without_checkpoint_is_one_line(tmp_path):
     res = run_cli(*TINY, "resume=true", f"hydra.run.dir={tmp_path}/empty", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: resume: no checkpoint")
+
+
+def test_the_best_validation_is_the_higher_score_then_at_a_tie_the_lower_loss():
+    ts = TrainState()
+    assert improves(ts, 0.2, {"loss": 9.0})  # anything beats nothing
+    ts.best_score, ts.best_val = 1.0, {"acc": 1.0, "loss": 1e-3}
+    assert improves(ts, 1.0, {"loss": 1e-5})  # accuracy at its ceiling again, better trained: kept
+    assert not improves(ts, 1.0, {"loss": 1e-2}) and not improves(ts, 1.0, {"loss": 1e-3})
+    assert not improves(ts, 0.99, {"loss": 1e-9})  # the score comes first
 
 
 def test_lr_schedules():

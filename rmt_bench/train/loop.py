@@ -296,6 +296,14 @@ def training_step(run: Run) -> StopReason | None:
     return None
 
 
+def improves(ts: TrainState, score: float, val: dict) -> bool:
+    """Whether a validation beats the best so far: a higher score, or an equal score at a lower loss (accuracy at its
+    ceiling, as a curriculum with early stop off reaches long before its schedule ends: the later, better-trained
+    weights, not the first to touch the ceiling)."""
+    tie = score == ts.best_score and val.get("loss", math.inf) < ts.best_val.get("loss", math.inf)
+    return score > ts.best_score or tie
+
+
 def evaluate_and_checkpoint(run: Run) -> StopReason | None:
     """Every `eval_every` steps and at the last: validate, keep the best weights, step the plateau schedule, the
     curriculum's stage, log, checkpoint. -> NON_FINITE (weights went non-finite: nothing saved), EARLY_STOP, or
@@ -310,7 +318,7 @@ def evaluate_and_checkpoint(run: Run) -> StopReason | None:
     if run.dist.main:
         val = evaluate(run.model, run.task, "valid", cfg.eval_batch_size, run.precision.eval)
         score = run.task.metric.score(val)  # the task's headline, higher is better
-        if score > ts.best_score:
+        if improves(ts, score, val):
             ts.best_score, ts.best_step, ts.best_val = score, ts.step, val
             run.best_weights = copy.deepcopy(run.model.state_dict())
         if cfg.schedule == "plateau":
