@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -30,9 +31,12 @@ def rank() -> int:
 
 
 def fail(message: str) -> None:
-    """One line on stderr (rank 0's) and exit status 2."""
+    """One line on stderr (rank 0's) and exit status 2. Under torchrun the other ranks wait a moment first: had one
+    of them exited before rank 0 printed, torchrun would stop rank 0 with its line unwritten."""
     if rank() == 0:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(3)
     sys.exit(2)
 
 
