@@ -228,8 +228,9 @@ class FactsTask(AlgorithmicTask):
         cfg = replace(self.cfg, segments=segments)
         n, total = cfg.segment_len, cfg.seq_len
         right, start = 0, time.perf_counter()
-        places = torch.tensor([WORD[p] for p in PLACES])
-        per_answer, predicted = torch.zeros(len(PLACES), 2, dtype=torch.long), torch.zeros(len(PLACES) + 1)
+        place_of = torch.full((self.vocab_size,), len(PLACES))  # token -> place index; 6: no place ("other")
+        place_of[[WORD[p] for p in PLACES]] = torch.arange(len(PLACES))
+        right_by, count_by, predicted = (torch.zeros(len(PLACES) + 1, dtype=torch.long) for _ in range(3))
         gen = torch.Generator().manual_seed(self.cfg.data_seed * 1000 + SPLIT_SEEDS["test"] + 104729 * segments)
         for lo in range(0, examples, batch_size):
             size = min(batch_size, examples - lo)
@@ -254,16 +255,16 @@ class FactsTask(AlgorithmicTask):
                     if s == segments - 1:
                         pred = model.head.logits(hidden[:, -1]).argmax(-1).cpu()
             right += int((pred == facts["answer"]).sum())
-            cls = (facts["answer"][:, None] == places).float().argmax(1)  # (size,) the answer's place index
-            per_answer.index_add_(0, cls, torch.stack([(pred == facts["answer"]).long(), torch.ones_like(cls)], 1))
-            hit = pred[:, None] == places  # (size, 6); a prediction that is no place counts as "other"
-            predicted += torch.cat([hit.sum(0), (~hit.any(1)).sum()[None]]).float()
+            answer = place_of[facts["answer"]]  # (size,) the answer's place index
+            right_by += answer[pred == facts["answer"]].bincount(minlength=len(PLACES) + 1)
+            count_by += answer.bincount(minlength=len(PLACES) + 1)
+            predicted += place_of[pred].bincount(minlength=len(PLACES) + 1)
         acc, z = right / examples, 1.96
         centre = (acc + z * z / (2 * examples)) / (1 + z * z / examples)
         half = z * math.sqrt(acc * (1 - acc) / examples + z * z / (4 * examples**2)) / (1 + z * z / examples)
-        by_answer = {p: r / c for p, (r, c) in zip(PLACES, per_answer.tolist()) if c}
+        by_answer = {p: r / c for p, r, c in zip(PLACES, right_by.tolist(), count_by.tolist()) if c}
         return {"acc": acc, "ci95": [centre - half, centre + half], "examples": examples, "tokens": total,
                 "segments": segments, "seconds_per_example": (time.perf_counter() - start) / examples,
                 "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "acc_by_answer": by_answer, "answers_held": sum(a >= 0.9 for a in by_answer.values()),
-                "predicted": dict(zip((*PLACES, "other"), map(int, predicted.tolist())))}  # fmt: skip
+                "predicted": dict(zip((*PLACES, "other"), predicted.tolist()))}  # fmt: skip
