@@ -81,7 +81,8 @@ def table(bench_dir: Path, scale: str) -> tuple[str, list[dict]]:
     data = yaml.safe_load((bench_dir / "benchmark.yaml").read_text())
     rows = collect(bench_dir, data, scale)
     runs = [r for row in rows for r in row["runs"]]
-    seen = {key: sorted({str(r.get(key)) for r in runs}) for key in ("arch", "precision", "curriculum")}
+    # a run without a curriculum records none: "none", not Python's None
+    seen = {key: sorted({str(r.get(key) or "none") for r in runs}) for key in ("arch", "precision", "curriculum")}
     # the direction: the benchmark file's, else the one the runs recorded (the task's MetricSpec)
     recorded = {r["higher_is_better"] for r in runs if "higher_is_better" in r}
     higher = data.get("higher_is_better", recorded.pop() if len(recorded) == 1 else True)

@@ -194,6 +194,7 @@ def test_the_report_puts_each_cell_beside_the_paper(tmp_path):
     mean = acc["model=vanilla"]
     assert cols[1] == f"**{mean:.4f}**" and cols[4] == "1" and cols[5] == "0.1" and cols[6] == f"{mean - 0.1:+.3f}"
     assert "| model=rmt,mem=2 | not run | | | 0 | 1.0 | |" in text
+    assert ", curriculum none." in text  # the runs had none
     png = (tmp_path / "report" / "tiny_bench_cpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     nothing = subprocess.run([sys.executable, "-m", "rmt_bench.report", str(tmp_path / "empty")], capture_output=True,
