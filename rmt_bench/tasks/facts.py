@@ -227,7 +227,7 @@ class FactsTask(AlgorithmicTask):
         and how often each place is predicted (`predicted`, "other" for a token that is no place)."""
         cfg = replace(self.cfg, segments=segments)
         n, total = cfg.segment_len, cfg.seq_len
-        right, start = 0, time.perf_counter()
+        start = time.perf_counter()
         place_of = torch.full((self.vocab_size,), len(PLACES))  # token -> place index; 6: no place ("other")
         place_of[[WORD[p] for p in PLACES]] = torch.arange(len(PLACES))
         right_by, count_by, predicted = (torch.zeros(len(PLACES) + 1, dtype=torch.long) for _ in range(3))
@@ -254,12 +254,11 @@ class FactsTask(AlgorithmicTask):
                     hidden, state = model.segment(tokens.to(self.device), state, write=s < segments - 1)
                     if s == segments - 1:
                         pred = model.head.logits(hidden[:, -1]).argmax(-1).cpu()
-            right += int((pred == facts["answer"]).sum())
             answer = place_of[facts["answer"]]  # (size,) the answer's place index
             right_by += answer[pred == facts["answer"]].bincount(minlength=len(PLACES) + 1)
             count_by += answer.bincount(minlength=len(PLACES) + 1)
             predicted += place_of[pred].bincount(minlength=len(PLACES) + 1)
-        acc, z = right / examples, 1.96
+        acc, z = int(right_by.sum()) / examples, 1.96  # every answer is a place: right_by counts them all
         centre = (acc + z * z / (2 * examples)) / (1 + z * z / examples)
         half = z * math.sqrt(acc * (1 - acc) / examples + z * z / (4 * examples**2)) / (1 + z * z / examples)
         by_answer = {p: r / c for p, r, c in zip(PLACES, right_by.tolist(), count_by.tolist()) if c}
