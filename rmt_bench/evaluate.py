@@ -102,6 +102,8 @@ def grid(
                          "length_tokens": setting.seq_len,
                          "examples": examples} | {f"test/{k}": v for k, v in metrics.items()})  # fmt: skip
             extra = "".join(f" {k} {metrics[k]:.3g}" for k in ("seconds_per_example", "peak_memory_mb") if k in metrics)
+            if "acc_by_order" in metrics:  # reason: which orders of the facts the model answers
+                extra += " | by order " + ", ".join(f"{o} {a:.2f}" for o, a in metrics["acc_by_order"].items())
             print(f"{run_dir.name} ({cfg.model.name}, trained {key}={trained}): {key}={value} "
                   f"({setting.seq_len} tokens) acc {metrics['acc']:.4f}{extra}", flush=True)  # fmt: skip
     return rows

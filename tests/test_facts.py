@@ -132,6 +132,37 @@ def test_streamed_evaluation_splits_the_accuracy_by_answer():
     assert garden == round(garden) and 0 < garden < 48
 
 
+def test_the_order_of_the_reason_facts_is_read_as_a_reader_would():
+    """fact_order labels each example's three facts in text order (H the holder's move, O the other's, P the
+    pick-up): checked against the facts found in the token rows, over all six orders."""
+    from rmt_bench.tasks.facts import fact_order, make_examples, plan
+
+    t = task("reason")
+    gen, twin = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    seq, _ = make_examples(t.cfg, t.filler, "test", 300, gen)
+    labels = fact_order(plan(t.cfg, 300, twin))  # the same draws: plan is make_examples' first
+    for row, label in zip(seq[:, :-1].tolist(), labels):
+        found = [w for _, w in facts_in(row)]
+        holder = next(w[0] for w in found if w[1] == "picked")
+        assert label == " ".join("P" if w[1] == "picked" else "H" if w[0] == holder else "O" for w in found)
+    assert len(set(labels)) == 6
+
+
+def test_streamed_reason_evaluation_splits_the_accuracy_by_the_facts_order():
+    import contextlib
+
+    t = task("reason")
+    model = build_model(tiny_model("rmt"), t.vocab_size).eval()
+    with torch.no_grad():
+        model.head.proj.bias.fill_(0).data[WORD["garden"]] = 1e4
+    res = t.evaluate_long(model, 3, 96, 32, contextlib.nullcontext)
+    counts = res["examples_by_order"]
+    assert set(counts) == set(res["acc_by_order"]) and sum(counts.values()) == 96 and len(counts) >= 5
+    right = sum(res["acc_by_order"][o] * c for o, c in counts.items())
+    assert right == pytest.approx(res["acc"] * 96)  # the orders partition the examples
+    assert "acc_by_order" not in task("memorize").evaluate_long(model, 3, 8, 8, contextlib.nullcontext)
+
+
 def test_too_short_for_the_facts_is_one_line():
     with pytest.raises(ConfigError, match="task.segment_len: 2 x 8 tokens do not hold the reason task's facts"):
         FactsTaskConfig(variant="reason", segments=2, segment_len=8)

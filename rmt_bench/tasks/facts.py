@@ -151,6 +151,17 @@ def plan(cfg: FactsTaskConfig, size: int, gen: torch.Generator) -> dict:
     return {"facts": facts, "starts": starts, "question": question, "answer": answer}
 
 
+def fact_order(facts: dict) -> list[str]:
+    """The reason variant's three facts in the order they occur, one label per example: H the holder's "went to",
+    O the other person's, P the pick-up (e.g. "H O P": both moves before the pick-up). The facts of a plan are
+    stored in position order (their starts are sorted)."""
+    tokens = facts["facts"]  # (size, 3, FACT_LEN)
+    pick = tokens[:, :, 1] == WORD["picked"]
+    holder = tokens[:, :, 0][pick]  # (size,) the person who picked the object up
+    labels = torch.where(pick, 2, torch.where(tokens[:, :, 0] == holder[:, None], 0, 1))
+    return [" ".join("HOP"[i] for i in row) for row in labels.tolist()]
+
+
 def place_facts(tokens: Tensor, facts: dict, offset: int = 0) -> None:
     """Writes the facts (and the question, if it falls here) into `tokens` (B, L), which holds positions
     offset .. offset + L - 1 of the sequence."""
@@ -224,13 +235,16 @@ class FactsTask(AlgorithmicTask):
         interval, examples, tokens per example, seconds per example, peak memory (MB); and by answer: the accuracy
         per place (`acc_by_answer`), how many places are answered right at least 90% of the time (`answers_held`:
         far beyond the training length a memory keeps some places and maps the others onto them, docs/RESULTS.md)
-        and how often each place is predicted (`predicted`, "other" for a token that is no place)."""
+        and how often each place is predicted (`predicted`, "other" for a token that is no place); for reason, the
+        accuracy and the examples by the order of the three facts (`acc_by_order`, `examples_by_order`: fact_order's
+        labels, e.g. "H O P" when both moves come before the pick-up)."""
         cfg = replace(self.cfg, segments=segments)
         n, total = cfg.segment_len, cfg.seq_len
         start = time.perf_counter()
         place_of = torch.full((self.vocab_size,), len(PLACES))  # token -> place index; 6: no place ("other")
         place_of[[WORD[p] for p in PLACES]] = torch.arange(len(PLACES))
         right_by, count_by, predicted = (torch.zeros(len(PLACES) + 1, dtype=torch.long) for _ in range(3))
+        by_order: dict[str, list[int]] = {}  # reason: the facts' order -> [right, examples]
         gen = torch.Generator().manual_seed(self.cfg.data_seed * 1000 + SPLIT_SEEDS["test"] + 104729 * segments)
         for lo in range(0, examples, batch_size):
             size = min(batch_size, examples - lo)
@@ -258,6 +272,10 @@ class FactsTask(AlgorithmicTask):
             right_by += answer[pred == facts["answer"]].bincount(minlength=len(PLACES) + 1)
             count_by += answer.bincount(minlength=len(PLACES) + 1)
             predicted += place_of[pred].bincount(minlength=len(PLACES) + 1)
+            if cfg.variant == "reason":
+                for order, ok in zip(fact_order(facts), (pred == facts["answer"]).tolist()):
+                    tally = by_order.setdefault(order, [0, 0])
+                    tally[0], tally[1] = tally[0] + ok, tally[1] + 1
         acc, z = int(right_by.sum()) / examples, 1.96  # every answer is a place: right_by counts them all
         centre = (acc + z * z / (2 * examples)) / (1 + z * z / examples)
         half = z * math.sqrt(acc * (1 - acc) / examples + z * z / (4 * examples**2)) / (1 + z * z / examples)
@@ -266,4 +284,6 @@ class FactsTask(AlgorithmicTask):
                 "segments": segments, "seconds_per_example": (time.perf_counter() - start) / examples,
                 "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "acc_by_answer": by_answer, "answers_held": sum(a >= 0.9 for a in by_answer.values()),
-                "predicted": dict(zip((*PLACES, "other"), predicted.tolist()))}  # fmt: skip
+                "predicted": dict(zip((*PLACES, "other"), predicted.tolist()))} | ({
+                "acc_by_order": {o: r / c for o, (r, c) in sorted(by_order.items())},
+                "examples_by_order": {o: c for o, (_, c) in sorted(by_order.items())}} if by_order else {})  # fmt: skip
