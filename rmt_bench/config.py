@@ -635,6 +635,9 @@ class TrainerConfig:
     eval_batch_size: int = mark(resumable=True)
     log_every: int = mark(resumable=True)
     num_threads: int | None = mark(hashed=False, resumable=True)  # torch CPU threads; None: torch's default
+    # a finished run's directory: start from its tested weights (job.py; the same task and model shapes), the
+    # optimiser and schedule afresh: a curriculum across runs (e.g. a task without filler, then with it)
+    init_from: str | None
     curriculum: CurriculumConfig
 
     def __post_init__(self) -> None:

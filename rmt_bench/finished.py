@@ -49,7 +49,6 @@ def open_run(run_dir: Path, overrides: list[str] = (), device: str = "cpu", weig
     the weights of the run's last step instead of its best validation's (the tested ones)."""
     from rmt_bench.models import build_model, check_segments
     from rmt_bench.tasks import build_task
-    from rmt_bench.train.checkpoint import read_checkpoint
 
     saved = read_config(run_dir)
     data = apply_overrides(saved, list(overrides))
@@ -59,6 +58,15 @@ def open_run(run_dir: Path, overrides: list[str] = (), device: str = "cpu", weig
     task = build_task(cfg.task, device)
     model = build_model(cfg.model, task.vocab_size, task.pad_front)
     check_segments(model, cfg.task.segment_len, getattr(cfg.task, "eval_segment_len", None))
+    load_weights(model, run_dir, weights, f"the model of {CONFIG_FILE}")
+    return cfg, task, model.to(torch.device(device)).eval()
+
+
+def load_weights(model: torch.nn.Module, run_dir: Path, weights: str = "best", what: str = "this model") -> None:
+    """The run's tested weights (its best validation's; weights="final": its last step's) into `model`, or one
+    CheckpointError line: no checkpoint, or weights of another shape."""
+    from rmt_bench.train.checkpoint import read_checkpoint
+
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {CHECKPOINT_FILE} (the run did not checkpoint)")
@@ -66,5 +74,4 @@ def open_run(run_dir: Path, overrides: list[str] = (), device: str = "cpu", weig
     try:
         model.load_state_dict(payload["model"] if weights == "final" else payload.get("best_model") or payload["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path} does not fit the model of {CONFIG_FILE} ({str(exc).splitlines()[0]})") from exc
-    return cfg, task, model.to(torch.device(device)).eval()
+        raise CheckpointError(f"{path} does not fit {what} ({str(exc).splitlines()[0]})") from exc

@@ -42,10 +42,14 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, choices: dict | Non
     task = task if task is not None else build_task(cfg.task, device)
     model = build_model(cfg.model, task.vocab_size, task.pad_front)  # the same initial weights on every rank
     check_segments(model, cfg.task.segment_len, getattr(cfg.task, "eval_segment_len", None))
+    # trainer.init_from: checked and loaded before anything is written (a resume then loads its own checkpoint)
+    started_from = init_from(model, cfg) if cfg.trainer.init_from is not None else None
     if dist.rank:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # each rank its own dropout stream
     config = asdict(cfg) | ({"choices": choices} if choices else {})
     logger = RunLogger(cfg.logger, run_dir, config, resume, cfg.task.metric) if dist.main else NullLogger()
+    if started_from:
+        logger.info(started_from)
     exit_code = 1
     try:
         summary = fit(
@@ -65,6 +69,24 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, choices: dict | Non
         logger.finish(exit_code)
         distributed.stop()
     return summary
+
+
+def init_from(model, cfg: RunConfig) -> str:
+    """trainer.init_from: the tested weights of a finished run of the same task and model (its other settings, e.g.
+    the segment length or the filler, may differ) -> the line that says so, or one ConfigError line naming the key."""
+    from rmt_bench.errors import CheckpointError
+    from rmt_bench.finished import load_weights, read_config
+
+    source = Path(cfg.trainer.init_from).expanduser()
+    try:
+        saved = read_config(source)
+        if saved["task"]["name"] != cfg.task.name or saved["model"]["name"] != cfg.model.name:
+            raise CheckpointError(f"{source} trained {saved['model']['name']} on {saved['task']['name']}, not "
+                                  f"{cfg.model.name} on {cfg.task.name}")  # fmt: skip
+        load_weights(model, source, what=f"this run's {cfg.model.name}")
+    except CheckpointError as exc:
+        raise ConfigError("trainer.init_from", str(exc)) from None
+    return f"init_from: the tested weights of {source} (optimiser and schedule start afresh)"
 
 
 def identity(cfg: RunConfig) -> dict:
