@@ -636,8 +636,9 @@ class TrainerConfig:
     log_every: int = mark(resumable=True)
     num_threads: int | None = mark(hashed=False, resumable=True)  # torch CPU threads; None: torch's default
     # a finished run's directory: start from its tested weights (job.py; the same task and model shapes), the
-    # optimiser and schedule afresh: a curriculum across runs (e.g. a task without filler, then with it)
-    init_from: str | None
+    # optimiser and schedule afresh: a curriculum across runs (e.g. a task without filler, then with it). Not in
+    # the cell's hash: each seed of a suite cell starts from its own seed's run (suite.py, `after`)
+    init_from: str | None = mark(hashed=False)
     curriculum: CurriculumConfig
 
     def __post_init__(self) -> None:

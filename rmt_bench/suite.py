@@ -8,7 +8,11 @@ A benchmark file holds the paper's table or figure as data: `base` overrides, on
 (`cpu`: the trainable backbone, minutes per cell; `paper`: the paper's backbone and schedule, for a GPU), `seeds`,
 and `cells`, each a mapping of override keys to values, its paper number (`paper`), overrides per scale
 (`extra: {cpu: [...]}`, replacing the scale's own for the same key) and, for a cell that exists at some scales only
-(one no CPU can train in minutes), the list of them (`scales: [paper]`).
+(one no CPU can train in minutes), the list of them (`scales: [paper]`). A cell may start from another cell's
+weights (`after: {keys of that cell}`: a curriculum across runs, e.g. a task without filler, then with it): it gets
+`trainer.init_from=` that cell's directory of the same seed, runs once that cell has finished (the suite runs the
+cells in waves of such dependencies, and `--only` brings a selected cell's `after` cells along), and does not run
+when that cell failed.
 Every cell runs through the same entry point as `rmt-bench` (`python -m rmt_bench.cli ...`, so Hydra stays in
 cli.py) in a directory that depends only on the cell: `<out>/<benchmark>/<scale>/<cell keys>/seed<k>`. A cell is
 finished when its summary.json exists: a re-run skips it, and resumes (`resume=true`) a cell that has only a
@@ -34,7 +38,7 @@ BENCHMARK_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().pa
 # a cell's paper number; its overrides per scale; where the figure places it when its own keys do not say (`x`:
 # e.g. the paper's segment label of a cell that the official code split otherwise); a label of its split (`split`)
 # the cell's own seeds, when they differ from the file's (`seeds`); the scales the cell exists at, when not all
-CELL_KEYS_RESERVED = ("paper", "extra", "x", "split", "seeds", "scales")
+CELL_KEYS_RESERVED = ("paper", "extra", "x", "split", "seeds", "scales", "after")
 
 
 class SuiteError(Exception):
@@ -51,6 +55,7 @@ class Cell:
     x: object = None  # the figure's x for this cell, if the file gives one (else the value of the file's `x` key)
     split: str | None = None  # a label of how the cell splits the task (a series of its own in the report)
     settings: tuple[str, ...] = ()  # the benchmark file's overrides of the cell (no command-line ones)
+    after: str | None = None  # the name of the cell whose weights (same seed) this one starts from
 
     def run_dir(self, root: Path) -> Path:
         return root / self.name / f"seed{self.seed}"
@@ -89,7 +94,7 @@ def cells(data: dict, scale: str, extra: list[str] = ()) -> list[Cell]:
     out = []
     for spec in data["cells"]:
         own = {k: v for k, v in spec.items() if k not in CELL_KEYS_RESERVED}
-        name = ",".join(f"{k}={v}" for k, v in own.items()).replace("/", "_")
+        name = _name(own)
         at = spec.get("scales", list(data["scales"]))
         if not isinstance(at, list) or not at or any(s not in data["scales"] for s in at):
             raise SuiteError(f"cell {name}: scales: {at}: expected a list of this benchmark's scales "
@@ -108,8 +113,42 @@ def cells(data: dict, scale: str, extra: list[str] = ()) -> list[Cell]:
             merged[_key(override)] = override
         from_file = {o for layer in layers[:-1] for o in layer}  # every layer but the command line's
         settings = tuple(o for o in merged.values() if o in from_file)
+        after = _name(spec["after"]) if spec.get("after") else None
         out += [Cell(name, list(merged.values()), seed, spec.get("paper"), own, spec.get("x"), spec.get("split"),
-                     settings) for seed in spec.get("seeds", data["seeds"])]  # fmt: skip
+                     settings, after) for seed in spec.get("seeds", data["seeds"])]  # fmt: skip
+    there = {(c.name, c.seed) for c in out}
+    for c in out:
+        if c.after is not None and (c.after, c.seed) not in there:
+            raise SuiteError(f"cell {c.name}: after: no cell {c.after} with seed {c.seed} at scale {scale}")
+    for c in out:
+        depth(c, out)  # no cycles
+    return out
+
+
+def _name(own: dict) -> str:
+    """A cell's directory name: its own `key=value`s."""
+    return ",".join(f"{k}={v}" for k, v in own.items()).replace("/", "_")
+
+
+def depth(cell: Cell, every: list[Cell]) -> int:
+    """How many `after` cells stand before this one (0: none): the wave it runs in."""
+    by_key, seen, n = {(c.name, c.seed): c for c in every}, {(cell.name, cell.seed)}, 0
+    while cell.after is not None:
+        cell, n = by_key[(cell.after, cell.seed)], n + 1
+        if (cell.name, cell.seed) in seen:
+            raise SuiteError(f"cell {cell.name}: after: a cycle of cells that start from each other")
+        seen.add((cell.name, cell.seed))
+    return n
+
+
+def with_after(todo: list[Cell], every: list[Cell]) -> list[Cell]:
+    """The selected cells and, before them, the cells they start from (those --only left out)."""
+    by_key, out = {(c.name, c.seed): c for c in every}, list(todo)
+    for c in todo:
+        while c.after is not None:
+            c = by_key[(c.after, c.seed)]
+            if c not in out:
+                out.insert(0, c)
     return out
 
 
@@ -156,9 +195,15 @@ def command(cell: Cell, root: Path, threads: int | None) -> list[str]:
         cmd.append(f"trainer.num_threads={threads}")
     if status(cell, root) == "partial":
         cmd.append("resume=true")
-    run_dir = str(cell.run_dir(root))
-    quote = '"' if "'" in run_dir else "'"  # quoted for Hydra's grammar: the cell names hold `=` and `,`
-    return [*cmd, f"hydra.run.dir={quote}{run_dir}{quote}"]
+    if cell.after is not None:  # the weights of the cell it starts from, the same seed
+        cmd.append(f"trainer.init_from={_quoted(root / cell.after / f'seed{cell.seed}')}")
+    return [*cmd, f"hydra.run.dir={_quoted(cell.run_dir(root))}"]
+
+
+def _quoted(path: Path) -> str:
+    """A path quoted for Hydra's grammar: the cell names hold `=` and `,`."""
+    quote = '"' if "'" in str(path) else "'"
+    return f"{quote}{path}{quote}"
 
 
 def say(line: str) -> None:
@@ -202,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.jobs < 1:
             raise SuiteError(f"--jobs {args.jobs}: must be >= 1")
         name, data = load(args.benchmark)
-        todo = cells(data, args.scale, args.overrides)
-        todo = select(todo, data, args.only) if args.only else todo
+        every = cells(data, args.scale, args.overrides)
+        todo = with_after(select(every, data, args.only), every) if args.only else every
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -238,19 +283,29 @@ def main(argv: list[str] | None = None) -> None:
     # the benchmark travels with its runs: rmt-bench-report reads the cells and paper numbers from there
     (root.parent / "benchmark.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     done, failed, start = total - len(pending), [], time.perf_counter()
+    broken: set[tuple[str, int]] = set()  # cells that failed: those that start from them do not run
+    waves = sorted({depth(c, todo) for c in pending})
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {}
-        for c in pending:
-            futures[pool.submit(run_cell, c, root, threads)] = c
-        for fut in as_completed(futures):
-            c = futures[fut]
-            code, last = fut.result()
-            done += 1
-            minutes = (time.perf_counter() - start) / 60
-            if code:
-                failed.append(f"{c.name} seed {c.seed} (exit {code}): {last}")
-            verdict = last if not code else f"FAILED (exit {code}; {c.run_dir(root) / 'suite.log'})"
-            say(f"[{done}/{total}] {minutes:.1f} min | {c.name} seed {c.seed} | {verdict}")
+        for wave in waves:  # a cell runs after the cells it starts from (`after`)
+            futures = {}
+            for c in (c for c in pending if depth(c, todo) == wave):
+                if (c.after, c.seed) in broken:
+                    broken.add((c.name, c.seed))
+                    done += 1
+                    failed.append(f"{c.name} seed {c.seed}: not run, the cell it starts from ({c.after}) failed")
+                    say(f"[{done}/{total}] {c.name} seed {c.seed} | NOT RUN (its after cell {c.after} failed)")
+                    continue
+                futures[pool.submit(run_cell, c, root, threads)] = c
+            for fut in as_completed(futures):
+                c = futures[fut]
+                code, last = fut.result()
+                done += 1
+                minutes = (time.perf_counter() - start) / 60
+                if code:
+                    broken.add((c.name, c.seed))
+                    failed.append(f"{c.name} seed {c.seed} (exit {code}): {last}")
+                verdict = last if not code else f"FAILED (exit {code}; {c.run_dir(root) / 'suite.log'})"
+                say(f"[{done}/{total}] {minutes:.1f} min | {c.name} seed {c.seed} | {verdict}")
     exit_if_failed("cell(s)", failed)
 
 

@@ -65,8 +65,8 @@ def test_the_command_lines_defaults_are_the_dataclasses():
 
 
 def test_the_marks_are_todays_hash_and_resume_lists():
-    unhashed = ("seed", "resume", "scale", "logger", "trainer.device", "trainer.num_threads", "task.data_dir",
-                "task.cache_dir")  # fmt: skip
+    unhashed = ("seed", "resume", "scale", "logger", "trainer.device", "trainer.num_threads", "trainer.init_from",
+                "task.data_dir", "task.cache_dir")  # fmt: skip
     resumable = (
         "resume", "scale", "logger", "trainer.device", "trainer.num_threads", "trainer.max_steps",
         "trainer.max_minutes", "trainer.early_stop_acc", "trainer.memory_reset_control", "trainer.eval_every",

@@ -148,6 +148,40 @@ def test_a_failing_cell_is_reported_and_the_others_run(tmp_path):
     assert "1 cell(s) failed" in res.stderr and "model=vanilla,resume=True seed 0 (exit 2)" in res.stderr
 
 
+def test_a_cell_after_another_starts_from_its_weights_once_it_has_finished(tmp_path):
+    """`after`: the second cell gets trainer.init_from= the first's directory of the same seed, runs in a later
+    wave, and --only brings the first along; a cell whose `after` cell failed does not run."""
+    first = {"model": "rmt", "mem": 2, "task.segments": 2, "paper": 1.0}
+    second = {"model": "rmt", "mem": 2, "task.segments": 3, "after": {"model": "rmt", "mem": 2, "task.segments": 2},
+              "paper": 1.0}  # fmt: skip
+    bench = write_benchmark(tmp_path, [second, first])  # listed before the cell it starts from
+    root = tmp_path / "out" / "tiny_bench" / "cpu"
+    res = run_suite(bench, "--out", tmp_path / "out", "--only", "task.segments=3", "--jobs", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 cells, 0 finished, 2 to run" in res.stdout
+    assert res.stdout.index("starting model=rmt,mem=2,task.segments=2") < res.stdout.index("[1/2]") < (
+        res.stdout.index("starting model=rmt,mem=2,task.segments=3"))  # fmt: skip
+    config = json.loads((root / "model=rmt,mem=2,task.segments=3" / "seed0" / "config.json").read_text())
+    assert config["trainer"]["init_from"] == str(root / "model=rmt,mem=2,task.segments=2" / "seed0")
+    assert "init_from: the tested weights of" in (root / "model=rmt,mem=2,task.segments=3" / "seed0" / "suite.log"
+                                                  ).read_text()  # fmt: skip
+    first["resume"] = second["after"]["resume"] = True  # now fails: nothing to resume in a fresh --out
+    res = run_suite(write_benchmark(tmp_path, [first, second]), "--out", tmp_path / "new", cwd=tmp_path)
+    assert res.returncode == 1 and "2 cell(s) failed" in res.stderr
+    assert "not run, the cell it starts from (model=rmt,mem=2,task.segments=2,resume=True) failed" in res.stderr
+    assert "NOT RUN (its after cell model=rmt,mem=2,task.segments=2,resume=True failed)" in res.stdout
+    assert not (tmp_path / "new" / "tiny_bench" / "cpu" / "model=rmt,mem=2,task.segments=3").exists()
+
+
+def test_an_after_that_names_no_cell_or_a_cycle_is_one_line():
+    data = {"seeds": [0], "scales": {"cpu": []}, "cells": [{"model": "rmt", "after": {"model": "xl"}}]}
+    with pytest.raises(suite.SuiteError, match="cell model=rmt: after: no cell model=xl with seed 0 at scale cpu"):
+        suite.cells(data, "cpu")
+    data["cells"].append({"model": "xl", "after": {"model": "rmt"}})
+    with pytest.raises(suite.SuiteError, match="after: a cycle of cells that start from each other"):
+        suite.cells(data, "cpu")
+
+
 def test_an_unknown_benchmark_or_scale_is_one_line(tmp_path):
     res = run_suite("no_such_bench", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "reverse_fig3" in res.stderr
