@@ -198,6 +198,28 @@ def length_results(bench_dir: Path, data: dict, scale: str) -> list[dict]:
     return found
 
 
+def length_curves(found: list[dict]) -> list[dict]:
+    """The length figure's curves, one per run of `length_results` evaluated beyond its training length (a run
+    evaluated at that length only is a row of the table, not a curve): one colour per cell, one marker per seed, and
+    the legend naming each cell once, by the settings that tell the plotted cells apart (`task.` dropped)."""
+    runs = [r for r in found if any(p["value"] != p["trained"] for p in r["points"])]
+    names = list(dict.fromkeys(r["cell"] for r in runs))
+    common = set.intersection(*(set(n.split(",")) for n in names)) if len(names) > 1 else set()
+    seeds = {n: [r["seed"] for r in runs if r["cell"] == n] for n in names}
+    curves = []
+    for r in runs:
+        short = ",".join(kv.removeprefix("task.") for kv in r["cell"].split(",") if kv not in common) or r["cell"]
+        first = r["seed"] == seeds[r["cell"]][0]
+        pts = sorted(r["points"], key=lambda p: p["length_tokens"])
+        curves.append({
+            "label": f"{short} (ours, seed{'s' * (len(seeds[r['cell']]) > 1)} "
+                     f"{', '.join(map(str, seeds[r['cell']]))})" if first else None,
+            "color": names.index(r["cell"]), "marker": "os^Dv"[seeds[r["cell"]].index(r["seed"]) % 5],
+            "tokens": [p["length_tokens"] for p in pts], "acc": [p["test/acc"] for p in pts],
+        })  # fmt: skip
+    return curves
+
+
 def length_report(found: list[dict], reference: dict, stem: str, out: Path) -> tuple[str, Path | None]:
     """The follow-up's Fig. 1 / 5 beside ours: a table of accuracy against length per run, and a figure of
     accuracy against input tokens (log axis) with the paper's points (`reference: fig1_*` of the benchmark file,
@@ -223,10 +245,11 @@ def length_report(found: list[dict], reference: dict, stem: str, out: Path) -> t
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for i, run in enumerate(found):
-        pts = sorted(run["points"], key=lambda p: p["length_tokens"])
-        ax.plot([p["length_tokens"] for p in pts], [p["test/acc"] for p in pts], "o-", color=f"C{i % 10}",
-                label=f"{run['cell']} seed {run['seed']} (ours)", lw=1.2, ms=3)  # fmt: skip
+    curves_ours = length_curves(found)
+    palette = plt.get_cmap("tab10" if len({c["color"] for c in curves_ours}) <= 10 else "tab20")
+    for c in curves_ours:
+        ax.plot(c["tokens"], c["acc"], c["marker"] + "-", color=palette(c["color"] % palette.N), label=c["label"],
+                lw=1.2, ms=3.5, mfc="none")  # fmt: skip
     if paper_segments and paper_len:
         tokens = [n * paper_len for n in paper_segments]
         for j, (name, accs) in enumerate(sorted(curves.items())):

@@ -335,3 +335,23 @@ def test_the_report_draws_accuracy_against_length_from_the_runs_grids_beside_the
     assert all(float(r.split("|")[5]) == p["test/acc"] for r, p in zip(rows, kept))
     png = (tmp_path / "report" / "tiny_bench_cpu_length.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_the_length_figure_gives_a_cell_one_colour_its_seeds_markers_and_a_short_legend_entry():
+    from rmt_bench.report import length_curves
+
+    def point(value, trained, acc):
+        return {"value": value, "trained": trained, "length_tokens": 64 * value, "test/acc": acc}
+
+    found = [
+        {"cell": "model=rmt,task.variant=memorize", "seed": 0, "points": [point(8, 4, 0.5), point(1, 4, 1.0)]},
+        {"cell": "model=rmt,task.variant=memorize", "seed": 1, "points": [point(1, 4, 1.0), point(8, 4, 0.7)]},
+        {"cell": "model=rmt,task.variant=reason,task.segments=1", "seed": 0, "points": [point(1, 1, 0.99)]},
+        {"cell": "model=rmt,task.variant=reason", "seed": 0, "points": [point(16384, 4, 0.3)]},
+    ]
+    curves = length_curves(found)  # the run evaluated at its training length only is a row, not a curve
+    labels = ["variant=memorize (ours, seeds 0, 1)", None, "variant=reason (ours, seed 0)"]
+    assert [c["label"] for c in curves] == labels
+    assert [c["color"] for c in curves] == [0, 0, 1] and [c["marker"] for c in curves] == ["o", "s", "o"]
+    assert curves[0]["tokens"] == [64, 512] and curves[0]["acc"] == [1.0, 0.5]  # sorted by length
+    assert curves[2]["tokens"] == [16384 * 64]
